@@ -1,0 +1,591 @@
+//! Host side: `GuestFrames` owns a guest's RAM and its frames.
+//!
+//! Guest RAM is a vm-memory `GuestMemoryMmap` laid out around the MMIO hole
+//! (`layout`), anonymous or memfd-backed (so it can be shared with another
+//! process later), together with the frame allocator over the same frames. The
+//! VMM places every boot structure by allocating frames with a [`Purpose`]; the
+//! e820 map is derived from the frame metadata. Devices take [`PinGuard`]s on the
+//! guest buffers of in-flight requests and mark the frames they write dirty.
+//!
+//! Frames the allocator still holds as FREE once the guest runs are the guest's
+//! own RAM: the host allocates only while it builds the VM.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::vec::Vec;
+
+use vm_memory::mmap::FromRangesError;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::addr::{FrameNumber, FrameRange, PAGE_SIZE, PhysAddr};
+use crate::buddy::{self, FrameAllocator, Stats};
+use crate::layout::{self, MAX_RAM};
+use crate::meta::{FrameFlags, FrameMeta};
+use crate::table::{self, FrameTable};
+
+type SharedMeta = Arc<[FrameMeta]>;
+
+/// Errors of `GuestFrames`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// RAM size zero or not a multiple of the page size.
+    #[error("Guest RAM size {0:#x} is not a positive multiple of 4 KiB")]
+    InvalidSize(u64),
+    /// RAM size above `MAX_RAM`.
+    #[error("Guest RAM size {0:#x} is above the maximum of {MAX_RAM:#x}")]
+    TooLarge(u64),
+    /// The memfd backing could not be created.
+    #[error("Cannot create the guest RAM memfd")]
+    Memfd(#[source] io::Error),
+    /// Mapping guest RAM failed.
+    #[error("Cannot map guest RAM")]
+    Mmap(#[source] FromRangesError),
+    /// The frame allocator rejected the layout.
+    #[error("Cannot set up the frame allocator")]
+    Frames(#[source] buddy::Error),
+    /// A boot structure could not be placed.
+    #[error("Cannot place the {purpose} ({len:#x} bytes)")]
+    Place {
+        /// What was being placed.
+        purpose: Purpose,
+        /// Its size in bytes.
+        len: u64,
+        /// Why it failed.
+        #[source]
+        source: buddy::Error,
+    },
+}
+
+/// How guest RAM is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory.
+    #[default]
+    Anonymous,
+    /// A memfd, so the RAM can be shared with another process.
+    Memfd,
+}
+
+/// What a placed boot structure is; decides its frame flags and so its e820 type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// The kernel image (RAM the kernel owns: KERNEL).
+    Kernel,
+    /// The initial ramdisk (KERNEL).
+    Initrd,
+    /// Linux zero page / PVH start info (RESERVED).
+    BootParams,
+    /// Kernel command line (RESERVED).
+    Cmdline,
+    /// Page tables the VMM builds for long mode (RESERVED).
+    PageTables,
+    /// GDT the VMM builds (RESERVED).
+    Gdt,
+    /// MP table (RESERVED).
+    MpTable,
+    /// Firmware areas such as the legacy VGA/BIOS hole (RESERVED).
+    Firmware,
+}
+
+impl Purpose {
+    /// Frame flags of blocks placed for this purpose.
+    pub fn flags(self) -> FrameFlags {
+        match self {
+            Purpose::Kernel | Purpose::Initrd => FrameFlags::KERNEL,
+            _ => FrameFlags::RESERVED,
+        }
+    }
+}
+
+impl std::fmt::Display for Purpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Purpose::Kernel => "kernel image",
+            Purpose::Initrd => "initrd",
+            Purpose::BootParams => "boot parameters",
+            Purpose::Cmdline => "command line",
+            Purpose::PageTables => "page tables",
+            Purpose::Gdt => "GDT",
+            Purpose::MpTable => "MP table",
+            Purpose::Firmware => "firmware area",
+        };
+        f.write_str(name)
+    }
+}
+
+/// e820 memory types (ACPI spec, "Address Range Types").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Kind {
+    /// Usable RAM.
+    Ram = 1,
+    /// Reserved.
+    Reserved = 2,
+    /// Bad memory.
+    Unusable = 5,
+}
+
+/// One entry of the e820 map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    /// First byte.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub size: u64,
+    /// Memory type.
+    pub kind: E820Kind,
+}
+
+/// A guest's RAM, its frame metadata and its frame allocator.
+#[derive(Debug)]
+pub struct GuestFrames {
+    memory: GuestMemoryMmap,
+    table: Arc<FrameTable<SharedMeta>>,
+    allocator: Mutex<FrameAllocator<SharedMeta>>,
+    size: u64,
+}
+
+impl GuestFrames {
+    /// Maps `size` bytes of guest RAM around the MMIO hole, every frame free.
+    pub fn new(size: u64, backing: Backing) -> Result<Self, Error> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::InvalidSize(size));
+        }
+        if size > MAX_RAM {
+            return Err(Error::TooLarge(size));
+        }
+        let ranges = layout::ram_ranges(size);
+        let file = match backing {
+            Backing::Anonymous => None,
+            Backing::Memfd => Some(Arc::new(memfd(size).map_err(Error::Memfd)?)),
+        };
+        let mut offset = 0;
+        let regions: Vec<_> = ranges
+            .iter()
+            .map(|&(addr, len)| {
+                let fo = file
+                    .as_ref()
+                    .map(|f| FileOffset::from_arc(f.clone(), offset));
+                offset += len;
+                (addr, len as usize, fo)
+            })
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges_with_files(&regions).map_err(Error::Mmap)?;
+
+        let frame_ranges: Vec<FrameRange> = ranges
+            .iter()
+            .map(|&(addr, len)| FrameRange::covering(addr.into(), len).expect("layout fits"))
+            .collect();
+        let meta = zeroed_meta((size / PAGE_SIZE) as usize);
+        let allocator = FrameAllocator::new(&frame_ranges, meta.clone()).map_err(Error::Frames)?;
+        let table = Arc::new(allocator.table().clone());
+        Ok(GuestFrames {
+            memory,
+            table,
+            allocator: Mutex::new(allocator),
+            size,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Bytes of guest RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.size
+    }
+
+    /// The frame table (metadata, block lookups).
+    pub fn table(&self) -> &FrameTable<SharedMeta> {
+        &self.table
+    }
+
+    /// Allocator statistics.
+    pub fn stats(&self) -> Stats {
+        self.allocator().stats()
+    }
+
+    /// Places `len` bytes for `purpose` as high as possible below `limit`, at a
+    /// multiple of `align` bytes (a power of two; at least a frame is used).
+    pub fn place(
+        &self,
+        purpose: Purpose,
+        len: u64,
+        align: u64,
+        limit: GuestAddress,
+    ) -> Result<GuestAddress, Error> {
+        let place_err = |source| Error::Place {
+            purpose,
+            len,
+            source,
+        };
+        if len == 0 || !align.is_power_of_two() {
+            return Err(place_err(buddy::Error::InvalidRequest));
+        }
+        let frames = len.div_ceil(PAGE_SIZE);
+        let align_frames = align.div_ceil(PAGE_SIZE);
+        let limit = PhysAddr(limit.0).frame();
+        let range = self
+            .allocator()
+            .alloc_range(frames, align_frames, limit, purpose.flags())
+            .map_err(place_err)?;
+        Ok(range.start.addr().into())
+    }
+
+    /// Places `len` bytes for `purpose` exactly at `addr` (every frame touched
+    /// must be free RAM).
+    pub fn place_at(&self, purpose: Purpose, addr: GuestAddress, len: u64) -> Result<(), Error> {
+        let place_err = |source| Error::Place {
+            purpose,
+            len,
+            source,
+        };
+        let range = FrameRange::covering(addr.into(), len)
+            .filter(|r| !r.is_empty())
+            .ok_or(place_err(buddy::Error::InvalidRequest))?;
+        self.allocator()
+            .reserve(range, purpose.flags())
+            .map_err(place_err)
+    }
+
+    /// The e820 map, derived from the frame metadata: FREE, ALLOCATED and KERNEL
+    /// blocks are RAM, RESERVED blocks reserved, POISONED ones unusable; adjacent
+    /// entries of one type are merged; holes are absent.
+    pub fn e820_map(&self) -> Vec<E820Entry> {
+        let mut map: Vec<E820Entry> = Vec::new();
+        for block in self.table.blocks() {
+            let state = block.flags.state();
+            let kind = if state == FrameFlags::RESERVED {
+                E820Kind::Reserved
+            } else if state == FrameFlags::POISONED {
+                E820Kind::Unusable
+            } else {
+                E820Kind::Ram
+            };
+            let frames = block.frames();
+            match map.last_mut() {
+                Some(last)
+                    if last.kind == kind && last.addr.0 + last.size == frames.start.addr().0 =>
+                {
+                    last.size += frames.bytes();
+                }
+                _ => map.push(E820Entry {
+                    addr: frames.start.addr().into(),
+                    size: frames.bytes(),
+                    kind,
+                }),
+            }
+        }
+        map
+    }
+
+    /// Pins every frame of `[addr, addr + len)` for DMA until the guard drops.
+    /// Fails for an empty or wrapping range, one outside RAM or across a hole, or
+    /// a poisoned frame.
+    pub fn pin(&self, addr: GuestAddress, len: u64) -> Result<PinGuard, table::Error> {
+        let range = self.table.pin_frames(addr.into(), len)?;
+        Ok(PinGuard {
+            table: self.table.clone(),
+            range,
+        })
+    }
+
+    /// Marks the frames of `[addr, addr + len)` dirty.
+    pub fn mark_dirty(&self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
+        self.table.mark_dirty(addr.into(), len)
+    }
+
+    /// Returns the dirty ranges `(start, bytes)` and clears them.
+    pub fn take_dirty(&self) -> Vec<(GuestAddress, u64)> {
+        let mut out = Vec::new();
+        self.table
+            .take_dirty(|r| out.push((r.start.addr().into(), r.bytes())));
+        out
+    }
+
+    fn allocator(&self) -> MutexGuard<'_, FrameAllocator<SharedMeta>> {
+        // A panic while holding the lock cannot leave the allocator half-updated
+        // in a way later calls would trust less than a fresh lock: take it back.
+        self.allocator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// DMA pins on a range of guest frames, dropped with the guard.
+#[derive(Debug)]
+pub struct PinGuard {
+    table: Arc<FrameTable<SharedMeta>>,
+    range: FrameRange,
+}
+
+impl PinGuard {
+    /// The pinned frames.
+    pub fn frames(&self) -> FrameRange {
+        self.range
+    }
+
+    /// First pinned frame.
+    pub fn first_frame(&self) -> FrameNumber {
+        self.range.start
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.table.unpin(self.range);
+    }
+}
+
+/// One zeroed `FrameMeta` per frame. Zeroed pages stay unpopulated until
+/// touched, so a large guest's metadata costs memory only where it is used.
+fn zeroed_meta(frames: usize) -> SharedMeta {
+    let uninit = Arc::<[FrameMeta]>::new_zeroed_slice(frames);
+    // SAFETY: FrameMeta is repr(C) and made only of atomic integers, plain
+    // integers and padding arrays, for all of which all-zero bits are a valid
+    // value (the "reset" state: no flags, no references, no order).
+    unsafe { uninit.assume_init() }
+}
+
+fn memfd(size: u64) -> io::Result<File> {
+    // SAFETY: the name is a NUL-terminated string literal and the flags are valid;
+    // memfd_create reads nothing else.
+    let fd = unsafe { libc::memfd_create(c"minivmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor returned above and owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+    use std::string::ToString;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    const MIB: u64 = 1 << 20;
+
+    fn frames(size: u64) -> GuestFrames {
+        GuestFrames::new(size, Backing::Anonymous).unwrap()
+    }
+
+    #[test]
+    fn new_rejects_bad_sizes() {
+        assert!(matches!(
+            GuestFrames::new(0, Backing::Anonymous),
+            Err(Error::InvalidSize(0))
+        ));
+        assert!(matches!(
+            GuestFrames::new(MIB + 1, Backing::Anonymous),
+            Err(Error::InvalidSize(_))
+        ));
+        assert!(matches!(
+            GuestFrames::new(MAX_RAM + PAGE_SIZE, Backing::Anonymous),
+            Err(Error::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn small_guest_is_one_ram_entry() {
+        let g = frames(128 * MIB);
+        assert_eq!(g.memory().num_regions(), 1);
+        assert_eq!(
+            g.e820_map(),
+            [E820Entry {
+                addr: GuestAddress(0),
+                size: 128 * MIB,
+                kind: E820Kind::Ram
+            }]
+        );
+        assert_eq!(g.stats().free, 128 * MIB / PAGE_SIZE);
+    }
+
+    #[test]
+    fn large_guest_has_ram_above_the_mmio_hole() {
+        let g = frames(3 << 30);
+        assert_eq!(g.memory().num_regions(), 2);
+        let e820 = g.e820_map();
+        assert_eq!(e820.len(), 2);
+        assert_eq!((e820[0].addr.0, e820[0].size), (0, MMIO_HOLE_START));
+        assert_eq!(
+            (e820[1].addr.0, e820[1].size),
+            (MMIO_HOLE_END, (3 << 30) - MMIO_HOLE_START)
+        );
+        g.memory()
+            .write_obj(0xabu8, GuestAddress(MMIO_HOLE_END + 5))
+            .unwrap();
+        assert!(
+            g.memory()
+                .write_obj(0u8, GuestAddress(MMIO_HOLE_START))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn memfd_backed_ram_is_file_backed_and_usable() {
+        let g = GuestFrames::new(3 << 30, Backing::Memfd).unwrap();
+        let regions: Vec<_> = g.memory().iter().collect();
+        assert_eq!(regions[0].file_offset().unwrap().start(), 0);
+        assert_eq!(regions[1].file_offset().unwrap().start(), MMIO_HOLE_START);
+        g.memory()
+            .write_obj(0x1234_5678u32, GuestAddress(MMIO_HOLE_END))
+            .unwrap();
+        assert_eq!(
+            g.memory()
+                .read_obj::<u32>(GuestAddress(MMIO_HOLE_END))
+                .unwrap(),
+            0x1234_5678
+        );
+    }
+
+    #[test]
+    fn e820_map_follows_placed_structures() {
+        let g = frames(64 * MIB);
+        g.place_at(Purpose::Firmware, GuestAddress(0x9f000), 0x61000)
+            .unwrap();
+        g.place_at(Purpose::Kernel, GuestAddress(0x100000), 0x2345)
+            .unwrap();
+        let zp = g
+            .place(Purpose::BootParams, 4096, 4096, GuestAddress(0x9f000))
+            .unwrap();
+        assert_eq!(
+            zp,
+            GuestAddress(0x9e000),
+            "placed as high as possible below the limit"
+        );
+        let initrd = g
+            .place(
+                Purpose::Initrd,
+                5 * MIB + 3,
+                2 * MIB,
+                GuestAddress(64 * MIB),
+            )
+            .unwrap();
+        assert_eq!(initrd, GuestAddress(58 * MIB));
+        let e820: Vec<_> = g
+            .e820_map()
+            .iter()
+            .map(|e| (e.addr.0, e.size, e.kind))
+            .collect();
+        assert_eq!(
+            e820,
+            [
+                (0, 0x9e000, E820Kind::Ram),
+                (0x9e000, 0x62000, E820Kind::Reserved),
+                (0x100000, 64 * MIB - 0x100000, E820Kind::Ram),
+            ]
+        );
+        assert_eq!(
+            g.stats().reserved,
+            0x62000 / PAGE_SIZE + 3 + (5 * MIB / PAGE_SIZE + 1)
+        );
+    }
+
+    #[test]
+    fn place_rejects_overlap_and_bad_requests() {
+        let g = frames(16 * MIB);
+        g.place_at(Purpose::Kernel, GuestAddress(0x100000), MIB)
+            .unwrap();
+        let err = g
+            .place_at(Purpose::Initrd, GuestAddress(0x1ff000), 0x2000)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Place {
+                purpose: Purpose::Initrd,
+                source: buddy::Error::NotFree(_),
+                ..
+            }
+        ));
+        assert!(
+            g.place_at(Purpose::Kernel, GuestAddress(16 * MIB), 1)
+                .is_err()
+        );
+        assert!(
+            g.place_at(Purpose::Kernel, GuestAddress(u64::MAX), 2)
+                .is_err()
+        );
+        assert!(g.place_at(Purpose::Kernel, GuestAddress(0), 0).is_err());
+        assert!(
+            g.place(Purpose::Initrd, 0, 4096, GuestAddress(MIB))
+                .is_err()
+        );
+        assert!(
+            g.place(Purpose::Initrd, 4096, 3, GuestAddress(MIB))
+                .is_err()
+        );
+        assert!(
+            g.place(Purpose::Initrd, 32 * MIB, 4096, GuestAddress(u64::MAX))
+                .is_err()
+        );
+        assert_eq!(g.stats().failed_allocations, 1);
+        assert_eq!(
+            err.to_string(),
+            "Cannot place the initrd (0x2000 bytes)",
+            "short message; the cause is the source"
+        );
+    }
+
+    #[test]
+    fn pin_guard_holds_frames_until_dropped() {
+        let g = frames(16 * MIB);
+        let guard = g.pin(GuestAddress(0x3ff0), 0x20).unwrap();
+        assert_eq!(guard.frames().len(), 2);
+        assert!(g.table().is_pinned(PhysAddr(0x4000), 1).unwrap());
+        let second = g.pin(GuestAddress(0x4000), 1).unwrap();
+        assert_eq!(g.table().meta(FrameNumber(4)).unwrap().refcount(), 2);
+        drop(guard);
+        assert!(g.table().is_pinned(PhysAddr(0x4000), 1).unwrap());
+        drop(second);
+        assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
+    }
+
+    #[test]
+    fn pin_rejects_ranges_outside_ram_wrapping_or_across_the_hole() {
+        let g = frames(3 << 30);
+        let across = GuestAddress(MMIO_HOLE_START - PAGE_SIZE);
+        assert!(matches!(
+            g.pin(across, 2 * PAGE_SIZE),
+            Err(table::Error::NotRam(_))
+        ));
+        assert!(matches!(
+            g.pin(GuestAddress(MMIO_HOLE_START), 1),
+            Err(table::Error::NotRam(_))
+        ));
+        assert!(matches!(
+            g.pin(GuestAddress(u64::MAX - 1), 4),
+            Err(table::Error::Wraps(_))
+        ));
+        assert!(matches!(
+            g.pin(GuestAddress(5 << 30), 1),
+            Err(table::Error::NotRam(_))
+        ));
+        assert!(matches!(
+            g.pin(GuestAddress(0), 0),
+            Err(table::Error::Empty(_))
+        ));
+        assert!(g.pin(GuestAddress(MMIO_HOLE_END), 1 << 30).is_ok());
+    }
+
+    #[test]
+    fn take_dirty_returns_written_ranges_once() {
+        let g = frames(3 << 30);
+        g.mark_dirty(GuestAddress(0x1800), 0x1000).unwrap();
+        g.mark_dirty(GuestAddress(MMIO_HOLE_END), 1).unwrap();
+        assert!(g.mark_dirty(GuestAddress(MMIO_HOLE_START), 1).is_err());
+        assert_eq!(
+            g.take_dirty(),
+            [
+                (GuestAddress(0x1000), 0x2000),
+                (GuestAddress(MMIO_HOLE_END), PAGE_SIZE)
+            ]
+        );
+        assert!(g.take_dirty().is_empty());
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers shared by minivmm's integration tests (in `tests/tests/`).
