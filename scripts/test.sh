@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-# Unit, property and integration tests, doctests.
-cargo test --workspace
-# Benchmarks in test mode: each runs once, so they keep building and working.
-cargo test --workspace --bench '*'
 # The frame allocator's core must stay no_std for the guest kernel.
 cargo build -p memory --no-default-features
+# Benchmarks in test mode: each runs once, so they keep building and working.
+cargo test --workspace --bench '*'
+# Unit, property and integration tests, doctests.
+cargo test --workspace

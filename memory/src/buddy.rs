@@ -566,18 +566,11 @@ fn largest_order(f: u64, room: u64) -> u32 {
 mod tests {
     use super::*;
     use crate::addr::PhysAddr;
+    use crate::test_util::{fr, meta_for};
     use alloc::vec::Vec;
 
-    fn fr(start: u64, end: u64) -> FrameRange {
-        FrameRange {
-            start: FrameNumber(start),
-            end: FrameNumber(end),
-        }
-    }
-
     fn allocator(ranges: &[FrameRange]) -> FrameAllocator<Vec<FrameMeta>> {
-        let n: u64 = ranges.iter().map(FrameRange::len).sum();
-        FrameAllocator::new(ranges, (0..n).map(|_| FrameMeta::new()).collect()).unwrap()
+        FrameAllocator::new(ranges, meta_for(ranges)).unwrap()
     }
 
     /// Everything observable: statistics, blocks, reference counts.

@@ -27,6 +27,8 @@ pub mod table;
 pub mod guest;
 #[cfg(feature = "std")]
 pub mod layout;
+#[cfg(test)]
+mod test_util;
 
 pub use addr::{FrameNumber, FrameRange, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
 pub use buddy::{FrameAllocator, Stats};

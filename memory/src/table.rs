@@ -465,18 +465,11 @@ impl<S: AsRef<[FrameMeta]>> Iterator for Blocks<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{fr, meta_for};
     use alloc::vec::Vec;
 
-    fn fr(start: u64, end: u64) -> FrameRange {
-        FrameRange {
-            start: FrameNumber(start),
-            end: FrameNumber(end),
-        }
-    }
-
     fn table(ranges: &[FrameRange]) -> FrameTable<Vec<FrameMeta>> {
-        let n: u64 = ranges.iter().map(FrameRange::len).sum();
-        FrameTable::new(ranges, (0..n).map(|_| FrameMeta::new()).collect()).unwrap()
+        FrameTable::new(ranges, meta_for(ranges)).unwrap()
     }
 
     #[test]
