@@ -83,6 +83,8 @@ pub enum Purpose {
     PageTables,
     /// GDT the VMM builds (RESERVED).
     Gdt,
+    /// Stack the boot vCPU starts on (RESERVED).
+    BootStack,
     /// MP table (RESERVED).
     MpTable,
     /// Firmware areas such as the legacy VGA/BIOS hole (RESERVED).
@@ -108,6 +110,7 @@ impl std::fmt::Display for Purpose {
             Purpose::Cmdline => "command line",
             Purpose::PageTables => "page tables",
             Purpose::Gdt => "GDT",
+            Purpose::BootStack => "boot stack",
             Purpose::MpTable => "MP table",
             Purpose::Firmware => "firmware area",
         };

@@ -1,4 +1,14 @@
 //! minivmm's VMM library: KVM setup, vCPUs, boot and the event loop.
 //!
 //! The binary `minivmm` is a thin CLI over this library so that integration
-//! tests can drive the same code. KVM support arrives with the boot issue.
+//! tests drive the same code.
+
+pub mod boot;
+pub mod cli;
+pub mod exit;
+pub mod logger;
+pub mod pio;
+pub mod run;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;

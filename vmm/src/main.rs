@@ -1,6 +1,77 @@
-//! `minivmm` command line entry point.
+//! `minivmm` command line entry point: parse, run, map the outcome to an exit
+//! status (table in `exit.rs` and the README). Every error is one line on stderr.
 
-fn main() {
-    eprintln!("minivmm: booting guests is not implemented yet (see the open boot issue)");
-    std::process::exit(2);
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::Cli;
+use vmm::run::{self, VmConfig};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("minivmm: {}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    vmm::logger::init(cli.log_level);
+    let config = VmConfig {
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline().to_owned(),
+        mem: cli.mem,
+        cpus: cli.cpus,
+        template: cli.cpu_template,
+    };
+    match run::run(&config) {
+        Ok(exit) => {
+            if exit.status() != 0 {
+                eprintln!("minivmm: {exit}");
+            }
+            ExitCode::from(exit.status() as u8)
+        }
+        Err(e) => {
+            eprintln!("minivmm: {}", chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// clap's multi-line error as one line: the message and its details, without
+/// the usage and tips.
+fn one_line(rendered: &str) -> String {
+    let parts: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
+        })
+        .collect();
+    match parts.join(" ").trim_start_matches("error: ") {
+        "" => "invalid arguments".to_owned(),
+        line => line.to_owned(),
+    }
+}
+
+/// An error and its sources on one line: "Cannot read x: No such file".
+fn chain(e: &dyn Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
 }

@@ -1,0 +1,147 @@
+//! Command line: `minivmm --kernel <image> [options]`.
+//!
+//! Parsing is clap's; sizes (`512M`, `2G`) and the value checks that do not need
+//! KVM are ours. Every error becomes one line on stderr (see `main.rs`).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::x86::cpuid::CpuTemplate;
+use crate::x86::mptable::MAX_CPUS;
+
+/// Default kernel command line when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// Smallest guest RAM accepted.
+pub const MIN_MEM: u64 = 16 << 20;
+
+/// minivmm: boot a Linux or PVH kernel in a KVM microVM.
+#[derive(Debug, Parser)]
+#[command(name = "minivmm", version, about)]
+pub struct Cli {
+    /// Kernel image: a bzImage, an ELF vmlinux, or a PVH ELF.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line, used as given [default: "console=ttyS0 reboot=k panic=1 ..."].
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+
+    /// Guest RAM, with an optional K, M or G suffix.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_mem)]
+    pub mem: u64,
+
+    /// Number of vCPUs (1 to 254: the MP table's APIC ids; KVM may allow fewer).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
+    pub cpus: u8,
+
+    /// CPU template: `minimal` hides what nested hosts cannot run (XSAVE, AVX,
+    /// CMPXCHG16B, PMU, TSX, ...), `passthrough` exposes what KVM supports.
+    #[arg(long, value_name = "NAME", default_value = "minimal")]
+    pub cpu_template: CpuTemplate,
+
+    /// Log level: off, error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
+    pub log_level: log::LevelFilter,
+}
+
+impl Cli {
+    /// The kernel command line to pass.
+    pub fn cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+}
+
+/// Parses a RAM size: bytes, or a number with a K, M or G suffix (binary units).
+/// It must be a whole number of 4 KiB pages, at least `MIN_MEM` and at most
+/// `memory::layout::MAX_RAM`.
+pub fn parse_mem(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 512M or 2G"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < MIN_MEM {
+        return Err(format!("{s} is below the minimum of {}M", MIN_MEM >> 20));
+    }
+    if bytes > memory::layout::MAX_RAM {
+        return Err(format!(
+            "{s} is above the maximum of {}G",
+            memory::layout::MAX_RAM >> 30
+        ));
+    }
+    if bytes % memory::PAGE_SIZE != 0 {
+        return Err(format!("{s} is not a multiple of 4K"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a log level name (case-insensitive).
+pub fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not a log level (off, error, warn, info, debug, trace)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_mem_accepts_suffixes() {
+        assert_eq!(parse_mem("512M"), Ok(512 << 20));
+        assert_eq!(parse_mem("2G"), Ok(2 << 30));
+        assert_eq!(parse_mem("3g"), Ok(3 << 30));
+        assert_eq!(parse_mem("65536k"), Ok(64 << 20));
+        assert_eq!(parse_mem("16777216"), Ok(16 << 20));
+    }
+
+    #[test]
+    fn parse_mem_rejects_bad_sizes() {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999G",
+            "1M",
+            "65G",
+            "16777217",
+        ] {
+            assert!(parse_mem(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn cli_parses_defaults() {
+        let cli = Cli::try_parse_from(["minivmm", "--kernel", "k"]).unwrap();
+        assert_eq!(
+            (cli.mem, cli.cpus, cli.cpu_template),
+            (256 << 20, 1, CpuTemplate::Minimal)
+        );
+        assert_eq!(cli.cmdline(), DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn cli_rejects_zero_cpus_and_missing_kernel() {
+        assert!(Cli::try_parse_from(["minivmm", "--kernel", "k", "--cpus", "0"]).is_err());
+        assert!(Cli::try_parse_from(["minivmm", "--kernel", "k", "--cpus", "300"]).is_err());
+        assert!(Cli::try_parse_from(["minivmm"]).is_err());
+        assert!(
+            Cli::try_parse_from(["minivmm", "--kernel", "k", "--cpu-template", "fast"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! Building and running a VM: a chain of small steps from a `VmConfig` to the
+//! `VmExit` that ended it, with every exit path stopping and joining all vCPU
+//! threads and restoring the terminal.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use memory::GuestFrames;
+use memory::guest::Backing;
+use vm_superio::Serial;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::boot::{self, BootConfig};
+use crate::exit::{ExitLatch, VmExit};
+use crate::pio::{COM1_IRQ, ConsoleSerial, IrqTrigger, PioBus};
+use crate::vcpu::{self, VcpuThread};
+use crate::vm::{self, Vm};
+use crate::x86::cpuid::CpuTemplate;
+
+/// What to boot and with what.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// vCPUs.
+    pub cpus: u8,
+    /// CPU template.
+    pub template: CpuTemplate,
+}
+
+/// Errors building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Guest RAM could not be set up.
+    #[error("Cannot set up guest RAM")]
+    Memory(#[source] memory::guest::Error),
+    /// More guest RAM than the host has.
+    #[error("--mem {}M is more than the host's {}M of RAM", .requested >> 20, .host >> 20)]
+    MemoryTooLarge {
+        /// Bytes asked for.
+        requested: u64,
+        /// Host physical memory in bytes.
+        host: u64,
+    },
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// KVM setup failed.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// A host resource (eventfd, thread, signal handler, epoll) failed.
+    #[error("Cannot set up {0}")]
+    Host(&'static str, #[source] io::Error),
+}
+
+/// Boots the VM and runs it until it stops.
+pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
+    let host = host_memory();
+    if config.mem > host {
+        return Err(Error::MemoryTooLarge {
+            requested: config.mem,
+            host,
+        });
+    }
+    let frames = GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?;
+    let boot_config = BootConfig {
+        kernel: &config.kernel,
+        initrd: config.initrd.as_deref(),
+        cmdline: &config.cmdline,
+        cpus: config.cpus,
+    };
+    let boot = boot::load(&frames, &boot_config)?;
+    let vm = Vm::new(&frames)?;
+    let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
+    let serial = attach_serial(&vm)?;
+    let bus = Arc::new(PioBus::new(serial.clone(), exit.clone()));
+    let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
+
+    vcpu::install_kick_handler().map_err(|e| Error::Host("the vCPU kick signal", e))?;
+    install_stop_signals(&exit).map_err(|e| Error::Host("SIGINT/SIGTERM handlers", e))?;
+    let _terminal = RawTerminal::enter();
+
+    let mut threads = Vec::with_capacity(vcpus.len());
+    let mut spawn_error = None;
+    for (index, fd) in vcpus.into_iter().enumerate() {
+        match VcpuThread::spawn(fd, index as u8, bus.clone(), exit.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                spawn_error = Some(Error::Host("a vCPU thread", e));
+                break;
+            }
+        }
+    }
+    let loop_result = match spawn_error {
+        None => event_loop(&exit, serial),
+        Some(e) => Err(e),
+    };
+    // Every path stops and joins every vCPU before returning.
+    exit.stop(VmExit::Signal(0));
+    threads.into_iter().for_each(VcpuThread::join);
+    loop_result?;
+    let reason = exit.reason().expect("stop recorded a reason");
+    drop(frames);
+    Ok(reason)
+}
+
+/// Physical memory of the host in bytes (u64::MAX if unknown).
+fn host_memory() -> u64 {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(size)) {
+        (Ok(p), Ok(s)) if p > 0 && s > 0 => p.saturating_mul(s),
+        _ => u64::MAX,
+    }
+}
+
+/// COM1 on stdout, its IRQ raised through an irqfd.
+fn attach_serial(vm: &Vm) -> Result<Arc<Mutex<ConsoleSerial>>, Error> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("the serial irqfd", e))?;
+    vm.fd()
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| vm::Error::Kvm("IRQFD", e))?;
+    let out: Box<dyn Write + Send> = Box::new(io::stdout());
+    Ok(Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out))))
+}
+
+/// Runs the event loop on this thread until the VM stops.
+fn event_loop(exit: &Arc<ExitLatch>, serial: Arc<Mutex<ConsoleSerial>>) -> Result<(), Error> {
+    let host =
+        |e: event_manager::Error| Error::Host("the event loop", io::Error::other(e.to_string()));
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(host)?;
+    manager.add_subscriber(Arc::new(Mutex::new(Console { serial, dropped: 0 })));
+    manager.add_subscriber(Arc::new(Mutex::new(StopWatcher(exit.clone()))));
+    while !exit.is_stopping() {
+        manager.run_with_timeout(100).map_err(host)?;
+        let signal = SIGNAL.load(Ordering::Acquire);
+        if signal != 0 {
+            exit.stop(VmExit::Signal(signal));
+        }
+    }
+    Ok(())
+}
+
+/// Feeds stdin to the guest's UART.
+struct Console {
+    serial: Arc<Mutex<ConsoleSerial>>,
+    dropped: u64,
+}
+
+impl MutEventSubscriber for Console {
+    fn init(&mut self, ops: &mut EventOps) {
+        // stdin may be a file or /dev/null, which epoll refuses: then no input.
+        if let Err(e) = ops.add(Events::new(&io::stdin(), EventSet::IN)) {
+            log::debug!("stdin is not pollable ({e:?}); the guest gets no console input");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let n = match io::stdin().lock().read(&mut buf) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                // EOF, hang-up or error: stop watching stdin.
+                let _ = ops.remove(events);
+                return;
+            }
+        };
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let room = serial.fifo_capacity();
+        let taken = serial.enqueue_raw_bytes(&buf[..n.min(room)]).unwrap_or(0);
+        if taken < n {
+            // The UART's FIFO is bounded: excess input is dropped, not buffered.
+            if self.dropped == 0 {
+                log::warn!("console input faster than the guest reads it: dropping input");
+            }
+            self.dropped += (n - taken) as u64;
+        }
+    }
+}
+
+/// Wakes the loop when the stop latch fires.
+struct StopWatcher(Arc<ExitLatch>);
+
+impl MutEventSubscriber for StopWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            log::error!("cannot watch the stop event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+}
+
+/// Signal number received (SIGINT, SIGTERM), 0 if none.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The stop latch's eventfd, written by the signal handler to wake the loop.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+
+fn install_stop_signals(exit: &ExitLatch) -> io::Result<()> {
+    extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        SIGNAL.store(num, Ordering::Release);
+        let fd = STOP_FD.load(Ordering::Acquire);
+        if fd >= 0 {
+            let one: u64 = 1;
+            // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte value
+            // and `fd` is the eventfd the latch owns for the whole run.
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
+    }
+    use std::os::fd::AsRawFd;
+    STOP_FD.store(exit.event().as_raw_fd(), Ordering::Release);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, on_signal)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// Puts a terminal stdin in raw mode and restores its exact settings on drop.
+struct RawTerminal {
+    saved: Option<libc::termios>,
+}
+
+impl RawTerminal {
+    fn enter() -> Self {
+        let stdin = io::stdin();
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return RawTerminal { saved: None };
+        }
+        // SAFETY: an all-zero termios is a valid value for tcgetattr to overwrite.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid, writable termios.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return RawTerminal { saved: None };
+        }
+        if let Err(e) = stdin.lock().set_raw_mode() {
+            log::warn!("cannot put the terminal in raw mode: {e}");
+        }
+        RawTerminal { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            // SAFETY: `saved` is the termios tcgetattr returned for this terminal.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! vCPU threads: run KVM_RUN until the VM stops, handling each exit.
+//!
+//! `handle_exit` is a free function over a `VcpuExit` so tests feed it made-up
+//! exits. A vCPU thread stops when the exit latch says so; the main thread kicks
+//! vCPUs blocked in KVM_RUN with `KICK_SIGNAL` (a no-op handler makes KVM_RUN
+//! return EINTR) until each thread has finished.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, register_signal_handler};
+
+use crate::exit::{ExitLatch, VmExit};
+use crate::pio::PioBus;
+
+/// What the vCPU loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Enter the guest again.
+    Continue,
+    /// Stop the VM with this reason.
+    Stop(VmExit),
+}
+
+/// Handles one exit (everything but KVM_EXIT_INTERNAL_ERROR, which needs the
+/// vCPU's registers). MMIO has no devices yet: reads return all ones, writes are
+/// ignored, each address logged once.
+pub fn handle_exit(
+    exit: VcpuExit<'_>,
+    bus: &PioBus,
+    vcpu: u8,
+    unknown: &Mutex<HashSet<u64>>,
+) -> Action {
+    match exit {
+        VcpuExit::IoIn(port, data) => bus.read(port, data),
+        VcpuExit::IoOut(port, data) => bus.write(port, data),
+        VcpuExit::MmioRead(addr, data) => {
+            log_once(unknown, addr, "MMIO read");
+            data.fill(0xff);
+        }
+        VcpuExit::MmioWrite(addr, _) => log_once(unknown, addr, "MMIO write"),
+        VcpuExit::Shutdown => return Action::Stop(VmExit::TripleFault { vcpu }),
+        VcpuExit::FailEntry(reason, _) => return Action::Stop(VmExit::FailEntry { vcpu, reason }),
+        VcpuExit::SystemEvent(..) => return Action::Stop(VmExit::Reset),
+        VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => {}
+        other => {
+            log::error!("vCPU {vcpu}: unexpected exit {other:?}");
+            return Action::Stop(VmExit::RunError {
+                vcpu,
+                errno: libc::ENOSYS,
+            });
+        }
+    }
+    Action::Continue
+}
+
+fn log_once(seen: &Mutex<HashSet<u64>>, addr: u64, what: &str) {
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.len() < 64 && seen.insert(addr) {
+        log::info!("ignoring {what} at {addr:#x} (logged once)");
+    }
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the no-op handler for `kick_signal` (once per process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), noop)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// A running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Starts vCPU `index` on its own thread.
+    pub fn spawn(
+        vcpu: VcpuFd,
+        index: u8,
+        bus: Arc<PioBus>,
+        exit: Arc<ExitLatch>,
+    ) -> std::io::Result<Self> {
+        let handle = thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run_loop(vcpu, index, &bus, &exit))?;
+        Ok(VcpuThread { handle })
+    }
+
+    /// Stops the thread (the latch must already be stopping) and joins it,
+    /// kicking it out of KVM_RUN until it has finished.
+    pub fn join(self) {
+        while !self.handle.is_finished() {
+            // Fails only once the thread is gone, which ends the loop.
+            let _ = self.handle.kill(kick_signal());
+            thread::sleep(Duration::from_millis(5));
+        }
+        if self.handle.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn run_loop(mut vcpu: VcpuFd, index: u8, bus: &PioBus, exit: &ExitLatch) {
+    let unknown = Mutex::new(HashSet::new());
+    while !exit.is_stopping() {
+        let action = match vcpu.run() {
+            Ok(VcpuExit::InternalError) => None,
+            Ok(e) => Some(handle_exit(e, bus, index, &unknown)),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Some(Action::Continue)
+            }
+            Err(e) => Some(Action::Stop(VmExit::RunError {
+                vcpu: index,
+                errno: e.errno(),
+            })),
+        };
+        match action {
+            Some(Action::Continue) => {}
+            Some(Action::Stop(reason)) => exit.stop(reason),
+            None => exit.stop(internal_error(&mut vcpu, index)),
+        }
+    }
+}
+
+/// Reads KVM_EXIT_INTERNAL_ERROR's suberror and the guest RIP.
+fn internal_error(vcpu: &mut VcpuFd, index: u8) -> VmExit {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: KVM_RUN just returned KVM_EXIT_INTERNAL_ERROR, for which the kernel
+    // fills the `internal` member of the exit union.
+    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+    VmExit::InternalError {
+        vcpu: index,
+        suberror,
+        rip,
+    }
+}

@@ -1,0 +1,151 @@
+//! The KVM virtual machine: in-kernel irqchip and PIT, TSS and identity-map
+//! addresses, memory slots for `GuestFrames`, and vCPU creation and setup.
+//!
+//! Only this module and `vcpu.rs` issue KVM ioctls.
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use memory::GuestFrames;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot::BootInfo;
+use crate::x86::cpuid::{self, CpuTemplate};
+use crate::x86::regs;
+
+/// Where KVM keeps the TSS it needs for real-mode emulation: three pages in the
+/// MMIO hole, below the identity-map page (as Firecracker).
+const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` is missing or not accessible.
+    #[error("Cannot open /dev/kvm (is KVM available and permitted?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs than KVM allows.
+    #[error("{requested} vCPUs requested, KVM allows at most {max}")]
+    TooManyCpus {
+        /// vCPUs asked for.
+        requested: u8,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+/// An open `/dev/kvm` and a VM with guest RAM mapped.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM and maps every RAM region of `frames` into it.
+    pub fn new(frames: &GuestFrames) -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(|e| Error::Kvm("CREATE_VM", e))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(|e| Error::Kvm("SET_TSS_ADDR", e))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| Error::Kvm("SET_IDENTITY_MAP_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| Error::Kvm("CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| Error::Kvm("CREATE_PIT2", e))?;
+        for (slot, region) in frames.memory().iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("region is mapped");
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping of `region.len()` bytes owned by
+            // `frames`, which the caller keeps alive for as long as the VM runs
+            // (Vmm holds both); KVM only accesses it while vCPUs run.
+            unsafe { fd.set_user_memory_region(mem_region) }
+                .map_err(|e| Error::Kvm("SET_USER_MEMORY_REGION", e))?;
+        }
+        Ok(Vm { kvm, fd })
+    }
+
+    /// The VM file descriptor (for ioeventfds, irqfds).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Most vCPUs KVM accepts for this VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    /// Creates `count` vCPUs with CPUID from `template`, MSRs, FPU, LINT pins,
+    /// and, for vCPU 0, the registers that start the kernel. The others wait for
+    /// INIT/SIPI from the boot vCPU (the in-kernel LAPIC handles that).
+    pub fn create_vcpus(
+        &self,
+        count: u8,
+        template: CpuTemplate,
+        boot: &BootInfo,
+    ) -> Result<Vec<VcpuFd>, Error> {
+        if usize::from(count) > self.max_vcpus() {
+            return Err(Error::TooManyCpus {
+                requested: count,
+                max: self.max_vcpus(),
+            });
+        }
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::with_capacity(count.into());
+        for index in 0..count {
+            let vcpu = self
+                .fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| Error::Kvm("CREATE_VCPU", e))?;
+            let cpuid = cpuid::vcpu_cpuid(&supported, index, count, template);
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(|e| Error::Kvm("SET_CPUID2", e))?;
+            let msrs = Msrs::from_entries(&regs::boot_msrs()).expect("few MSRs");
+            let set = vcpu
+                .set_msrs(&msrs)
+                .map_err(|e| Error::Kvm("SET_MSRS", e))?;
+            if set != msrs.as_slice().len() {
+                log::warn!(
+                    "vCPU {index}: KVM accepted {set} of {} boot MSRs",
+                    msrs.as_slice().len()
+                );
+            }
+            vcpu.set_fpu(&regs::fpu())
+                .map_err(|e| Error::Kvm("SET_FPU", e))?;
+            let mut lapic = vcpu.get_lapic().map_err(|e| Error::Kvm("GET_LAPIC", e))?;
+            regs::set_lint_pins(&mut lapic);
+            vcpu.set_lapic(&lapic)
+                .map_err(|e| Error::Kvm("SET_LAPIC", e))?;
+            if index == 0 {
+                let sregs = vcpu.get_sregs().map_err(|e| Error::Kvm("GET_SREGS", e))?;
+                let sregs = regs::sregs(sregs, boot.mode, boot.gdt, boot.pml4);
+                vcpu.set_sregs(&sregs)
+                    .map_err(|e| Error::Kvm("SET_SREGS", e))?;
+                vcpu.set_regs(&regs::regs(boot.mode, boot.entry, boot.stack))
+                    .map_err(|e| Error::Kvm("SET_REGS", e))?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(vcpus)
+    }
+}
