@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # minivmm's whole test suite: the README's test command, and what .ci/run calls.
 #
-# It installs what it needs on a fresh Debian machine. KVM tests skip with a
-# printed reason when /dev/kvm is unusable, unless MINIVMM_REQUIRE_KVM=1 (CI),
+# It installs what it needs on a fresh Debian machine (guest-images/build.sh
+# installs Debian's rustc-web toolchain for the test guest). KVM tests skip with
+# a printed reason when /dev/kvm is unusable, unless MINIVMM_REQUIRE_KVM=1 (CI),
 # where they fail instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,23 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 # The frame allocator's core must stay no_std for the guest kernel.
 cargo build -p memory --no-default-features
+# What the integration tests run: the test guest kernel and the minivmm binary
+# (tests cannot build them: cargo holds its build lock while tests run).
+guest="$(guest-images/build.sh)"
+echo "test guest: $guest"
+cargo build -p vmm --bin minivmm
 # Benchmarks in test mode: each runs once, so they keep building and working.
 cargo test --workspace --bench '*'
-# Unit, property and integration tests, doctests.
-cargo test --workspace
+# Unit, property and integration tests, doctests. Integration tests boot guests
+# one at a time: on two cores, parallel emulated guests only slow each other.
+cargo test --workspace --exclude tests
+cargo test -p tests -- --test-threads=1
+# The README's run command, as a user runs it.
+if [ -c /dev/kvm ] || [ "${MINIVMM_REQUIRE_KVM:-}" = 1 ]; then
+    echo "== scripts/run.sh (README run command)"
+    out="$(scripts/run.sh)"
+    echo "$out" | tail -n 3
+    grep -q "testguest: selftest: PASS" <<<"$out"
+else
+    echo "SKIPPED scripts/run.sh: /dev/kvm is not usable"
+fi

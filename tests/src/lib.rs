@@ -1,1 +1,309 @@
-//! Helpers shared by minivmm's integration tests (in `tests/tests/`).
+//! Helpers shared by minivmm's integration tests (in `tests/tests/`): where the
+//! `minivmm` binary and the test guest are, whether KVM is usable, and running
+//! minivmm with a deadline.
+//!
+//! The binary and the guest image are built by `scripts/test.sh` before
+//! `cargo test` (a test cannot run cargo itself: the outer cargo holds the
+//! build lock). Both can be overridden with `MINIVMM_BIN` and
+//! `MINIVMM_TEST_GUEST`. A stale binary (older than the sources it is built
+//! from) is an error, so a test never checks yesterday's minivmm.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Set to `1` (CI does) to make tests that need KVM fail instead of skipping.
+pub const REQUIRE_KVM: &str = "MINIVMM_REQUIRE_KVM";
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `minivmm` binary the tests run: `$MINIVMM_BIN`, or the one next to this
+/// test executable's `deps/` directory (same target dir and profile).
+pub fn minivmm_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MINIVMM_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("minivmm");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p vmm` (scripts/test.sh does)",
+        bin.display()
+    );
+    let built = modified(&bin);
+    let root = workspace_root();
+    for dir in ["vmm/src", "devices/src", "memory/src"] {
+        if let Some((newest, path)) = newest_file(&root.join(dir)) {
+            assert!(
+                newest <= built,
+                "{} is older than {}: rebuild it with `cargo build -p vmm` (scripts/test.sh does)",
+                bin.display(),
+                path.display()
+            );
+        }
+    }
+    bin
+}
+
+/// The test guest kernel: `$MINIVMM_TEST_GUEST`, or the release build under
+/// `guest-images/` (built by `guest-images/build.sh`).
+pub fn test_guest() -> PathBuf {
+    if let Some(path) = std::env::var_os("MINIVMM_TEST_GUEST") {
+        return PathBuf::from(path);
+    }
+    let elf = workspace_root().join("guest-images/target/x86_64-unknown-none/release/testguest");
+    assert!(
+        elf.is_file(),
+        "{} is missing: build it with guest-images/build.sh (scripts/test.sh does)",
+        elf.display()
+    );
+    elf
+}
+
+/// Whether the tests that need KVM can run. `Err` says why not.
+pub fn kvm_usable() -> Result<(), String> {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("/dev/kvm is not usable: {e}")),
+    }
+}
+
+/// Returns `false` (after printing why) when KVM is unusable, so the calling
+/// test can return early; panics instead when `MINIVMM_REQUIRE_KVM=1`.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(why) if std::env::var(REQUIRE_KVM).is_ok_and(|v| v == "1") => {
+            panic!("{test}: {why}, and {REQUIRE_KVM}=1 requires KVM")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why} (set {REQUIRE_KVM}=1 to fail instead)");
+            false
+        }
+    }
+}
+
+/// What a finished minivmm run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything the guest wrote to its console (minivmm's stdout).
+    pub stdout: String,
+    /// minivmm's own messages.
+    pub stderr: String,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The exit code; panics (with the output) if a signal killed minivmm.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("minivmm killed by a signal: {self}"))
+    }
+
+    /// Asserts that the console output has a line starting with `prefix` and
+    /// returns the rest of that line.
+    pub fn line(&self, prefix: &str) -> &str {
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no console line starting with {prefix:?}: {self}"))
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} after {:.1?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `command` with stdin from /dev/null; kills it after `timeout` and
+/// panics with what it printed so far.
+pub fn run_with_timeout(mut command: Command, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for minivmm") {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let status = child.wait().expect("wait for killed minivmm");
+            let outcome = Outcome {
+                status,
+                stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default())
+                    .into_owned(),
+                stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
+                    .into_owned(),
+                elapsed: start.elapsed(),
+            };
+            panic!("{command:?} did not finish within {timeout:?}: {outcome}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Outcome {
+        status,
+        stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Runs minivmm with `args`, killing it after `timeout`.
+pub fn minivmm<I, S>(args: I, timeout: Duration) -> Outcome
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(minivmm_bin());
+    command.args(args);
+    run_with_timeout(command, timeout)
+}
+
+fn modified(path: &Path) -> SystemTime {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The most recently modified file under `dir`, recursively.
+fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            Some((modified(&path), path))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
+}
+
+/// A minivmm process whose console output is watched while it runs.
+#[derive(Debug)]
+pub struct Running {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: thread::JoinHandle<Vec<u8>>,
+    reader: thread::JoinHandle<()>,
+    start: Instant,
+}
+
+impl Running {
+    /// Starts `command` (stdin from /dev/null, stdout and stderr captured).
+    pub fn start(mut command: Command) -> Running {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let mut out = child.stdout.take().expect("piped stdout");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stdout.clone();
+        let reader = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stderr = thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = err.read_to_end(&mut buf);
+            buf
+        });
+        Running {
+            child,
+            stdout,
+            stderr,
+            reader,
+            start: Instant::now(),
+        }
+    }
+
+    /// Waits until the console output satisfies `done`, the process exits, or
+    /// `timeout` passes; returns whether `done` held.
+    pub fn wait_for(&mut self, timeout: Duration, done: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.stdout.lock().unwrap()) {
+                return true;
+            }
+            if Instant::now() > deadline || self.child.try_wait().ok().flatten().is_some() {
+                return done(&self.stdout.lock().unwrap());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM (if still running) and collects the outcome.
+    pub fn terminate(mut self) -> Outcome {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+        let status = self.child.wait().expect("wait for minivmm");
+        let _ = self.reader.join();
+        let stdout = self.stdout.lock().unwrap().clone();
+        Outcome {
+            status,
+            stdout,
+            stderr: String::from_utf8_lossy(&self.stderr.join().unwrap_or_default()).into_owned(),
+            elapsed: self.start.elapsed(),
+        }
+    }
+}

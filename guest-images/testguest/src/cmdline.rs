@@ -1,0 +1,65 @@
+//! The guest's command-line options.
+//!
+//! Words are separated by spaces; only words starting with `testguest.` are the
+//! guest's, everything else (e.g. `console=ttyS0` a VMM adds) is ignored:
+//!
+//! - `testguest.action=reset`: after the report, reset through the i8042.
+//! - `testguest.action=triplefault`: after the report, triple-fault the CPU.
+//! - `testguest.action=exit:<n>`: after the report, write `n` (0..=255) to the
+//!   debug-exit port whatever the result.
+//! - `testguest.action=hang`: after the report, halt with interrupts off until
+//!   the VMM stops the guest (tests of SIGTERM handling).
+//! - `testguest.check=full`: run the O(frames) allocator consistency check
+//!   whatever the RAM size (by default only with at most 512 MiB of RAM).
+//!
+//! Unknown `testguest.*` options and bad values are reported and ignored.
+
+use crate::log;
+
+/// What the guest does after its report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Action {
+    /// Exit through the debug-exit port with the self-test result.
+    #[default]
+    Report,
+    /// Reset through the i8042 (0xfe to port 0x64).
+    Reset,
+    /// Triple-fault the CPU.
+    TripleFault,
+    /// Write this byte to the debug-exit port.
+    Exit(u8),
+    /// Halt until the VMM stops the guest.
+    Hang,
+}
+
+/// The parsed options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// What to do after the report.
+    pub action: Action,
+    /// Run the full consistency check regardless of RAM size.
+    pub full_check: bool,
+}
+
+const PREFIX: &str = "testguest.";
+
+/// Parses the guest's options out of `cmdline`, printing a warning for each
+/// one it does not understand. The last valid occurrence of an option wins.
+pub fn parse(cmdline: &str) -> Options {
+    let mut options = Options::default();
+    for word in cmdline.split(' ').filter(|w| w.starts_with(PREFIX)) {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        match (&key[PREFIX.len()..], value) {
+            ("action", "reset") => options.action = Action::Reset,
+            ("action", "triplefault") => options.action = Action::TripleFault,
+            ("action", "hang") => options.action = Action::Hang,
+            ("action", v) if v.starts_with("exit:") => match v["exit:".len()..].parse::<u8>() {
+                Ok(code) => options.action = Action::Exit(code),
+                Err(_) => log!("warning: ignoring {word}: the exit code must be 0..=255"),
+            },
+            ("check", "full") => options.full_check = true,
+            _ => log!("warning: ignoring unknown option {word}"),
+        }
+    }
+    options
+}

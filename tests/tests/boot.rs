@@ -1,0 +1,272 @@
+//! Booting the project's test guest kernel (guest-images/testguest, PVH) under
+//! minivmm on KVM: its banner and self-check report on the serial console, and
+//! minivmm's exit status for each way a guest can stop (README's table).
+//!
+//! Guest kernel code is emulated on the project's nested-KVM machines (about
+//! 1000x slower than hardware), so each boot is given a generous deadline; the
+//! guest keeps its own work small.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tests::{Outcome, Running, kvm_or_skip, minivmm, minivmm_bin, test_guest};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Boots the test guest with `args` added; `None` when KVM is not usable.
+fn boot(test: &str, args: &[&str]) -> Option<Outcome> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let guest = test_guest();
+    let mut all = vec!["--kernel", guest.to_str().expect("UTF-8 path")];
+    all.extend_from_slice(args);
+    Some(minivmm(&all, TIMEOUT))
+}
+
+/// The guest's self-check passed and minivmm exited 0 with nothing on stderr.
+fn assert_selftest_passed(outcome: &Outcome) {
+    assert_eq!(outcome.code(), 0, "{outcome}");
+    assert!(outcome.stderr.is_empty(), "{outcome}");
+    outcome.line("testguest: booted via PVH");
+    outcome.line("testguest: selftest: PASS");
+    assert!(!outcome.stdout.contains(": FAIL"), "{outcome}");
+}
+
+/// The memory map the guest printed: (start, end inclusive, type).
+fn memmap(outcome: &Outcome) -> Vec<(u64, u64, u32)> {
+    let count: usize = outcome
+        .line("testguest: memmap: ")
+        .trim_end_matches(" entries")
+        .parse()
+        .unwrap();
+    let entries: Vec<_> = outcome
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("testguest:   ["))
+        .map(|l| {
+            let (range, kind) = l.split_once("] type ").expect("memmap line");
+            let (start, end) = range.split_once('-').expect("start-end");
+            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
+            (hex(start), hex(end), kind.trim().parse().expect("type"))
+        })
+        .collect();
+    assert_eq!(entries.len(), count, "{outcome}");
+    entries
+}
+
+/// What the guest's CPUID said: (APIC id, logical processors, leaf 1 ECX).
+fn cpu_line(outcome: &Outcome) -> (u32, u32, u32) {
+    let line = outcome.line("testguest: cpu: apic id ");
+    let (apic, rest) = line.split_once(", ").expect("apic id");
+    let (logical, rest) = rest.split_once(" logical, leaf1 ecx=0x").expect("logical");
+    let ecx = u32::from_str_radix(&rest[..8], 16).expect("ecx");
+    (
+        apic.parse().expect("apic id"),
+        logical.parse().expect("logical"),
+        ecx,
+    )
+}
+
+const CPUID_1_ECX_CX16: u32 = 1 << 13;
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// Total bytes of type-1 (RAM) entries.
+fn ram_bytes(map: &[(u64, u64, u32)]) -> u64 {
+    map.iter().filter(|e| e.2 == 1).map(|e| e.1 - e.0 + 1).sum()
+}
+
+#[test]
+fn boot_test_guest_prints_report_and_exits_zero() {
+    let cmdline = "console=ttyS0 testguest.check=full";
+    let Some(outcome) = boot(
+        "boot_test_guest_prints_report_and_exits_zero",
+        &["--cmdline", cmdline],
+    ) else {
+        return;
+    };
+    assert_selftest_passed(&outcome);
+    assert_eq!(outcome.line("testguest: cmdline: "), cmdline);
+    // Default 256M: the map covers RAM below 1 MiB and above it, and the
+    // boot structures minivmm placed (reserved) sit below 1 MiB.
+    let map = memmap(&outcome);
+    let ram = ram_bytes(&map);
+    assert!(ram > 250 << 20 && ram <= 256 << 20, "{ram:#x}: {outcome}");
+    assert!(
+        map.iter()
+            .any(|e| e.0 == 0x10_0000 || (e.0 < 0x10_0000 && e.1 > 0x10_0000 && e.2 == 1))
+    );
+    assert!(
+        map.iter().any(|e| e.2 == 2 && e.0 < 0x10_0000),
+        "reserved boot area: {outcome}"
+    );
+    outcome.line("testguest: check consistency: ok");
+    // The default (minimal) CPU template: boot vCPU 0 of 1, running under a
+    // hypervisor, CMPXCHG16B hidden.
+    let (apic, logical, ecx) = cpu_line(&outcome);
+    assert_eq!((apic, logical), (0, 1), "{outcome}");
+    assert_ne!(ecx & CPUID_1_ECX_HYPERVISOR, 0, "{outcome}");
+    assert_eq!(ecx & CPUID_1_ECX_CX16, 0, "{outcome}");
+}
+
+#[test]
+fn boot_test_guest_with_default_cmdline() {
+    let Some(outcome) = boot("boot_test_guest_with_default_cmdline", &[]) else {
+        return;
+    };
+    assert_selftest_passed(&outcome);
+    assert!(
+        outcome
+            .line("testguest: cmdline: ")
+            .starts_with("console=ttyS0 reboot=k panic=1"),
+        "{outcome}"
+    );
+}
+
+#[test]
+fn boot_test_guest_with_two_cpus() {
+    let Some(outcome) = boot("boot_test_guest_with_two_cpus", &["--cpus", "2"]) else {
+        return;
+    };
+    assert_selftest_passed(&outcome);
+    let (apic, logical, _) = cpu_line(&outcome);
+    assert_eq!((apic, logical), (0, 2), "{outcome}");
+}
+
+#[test]
+fn boot_sigterm_stops_a_running_guest() {
+    if !kvm_or_skip("boot_sigterm_stops_a_running_guest") {
+        return;
+    }
+    let mut command = Command::new(minivmm_bin());
+    command
+        .arg("--kernel")
+        .arg(test_guest())
+        .args(["--mem", "64M", "--cpus", "2"]);
+    command.args(["--cmdline", "testguest.action=hang"]);
+    let mut vm = Running::start(command);
+    let hanging = vm.wait_for(TIMEOUT, |out| out.contains("testguest: action: hang"));
+    let outcome = vm.terminate();
+    assert!(hanging, "{outcome}");
+    assert_eq!(outcome.code(), 143, "{outcome}");
+    assert_eq!(
+        outcome.stderr.trim(),
+        "minivmm: stopped by signal 15",
+        "{outcome}"
+    );
+}
+
+#[test]
+fn boot_test_guest_with_128m() {
+    let Some(outcome) = boot("boot_test_guest_with_128m", &["--mem", "128M"]) else {
+        return;
+    };
+    assert_selftest_passed(&outcome);
+    let ram = ram_bytes(&memmap(&outcome));
+    assert!(ram > 120 << 20 && ram <= 128 << 20, "{ram:#x}: {outcome}");
+}
+
+/// 3 GiB does not fit below the MMIO hole (2..4 GiB): the last GiB is above 4 GiB
+/// and the guest maps, writes and reads it back.
+#[test]
+fn boot_test_guest_with_3g_uses_ram_above_the_mmio_hole() {
+    let Some(outcome) = boot(
+        "boot_test_guest_with_3g_uses_ram_above_the_mmio_hole",
+        &["--mem", "3G"],
+    ) else {
+        return;
+    };
+    assert_selftest_passed(&outcome);
+    let map = memmap(&outcome);
+    assert!(
+        map.contains(&(0x1_0000_0000, 0x1_3fff_ffff, 1)),
+        "RAM at 4..5 GiB: {outcome}"
+    );
+    assert!(
+        !map.iter()
+            .any(|e| e.2 == 1 && e.1 >= 0x8000_0000 && e.0 < 0x1_0000_0000),
+        "hole: {outcome}"
+    );
+    assert!(ram_bytes(&map) > (3 << 30) - (8 << 20), "{outcome}");
+}
+
+#[test]
+fn boot_i8042_reset_exits_zero() {
+    let args = ["--mem", "64M", "--cmdline", "testguest.action=reset"];
+    let Some(outcome) = boot("boot_i8042_reset_exits_zero", &args) else {
+        return;
+    };
+    assert_eq!(outcome.code(), 0, "{outcome}");
+    outcome.line("testguest: selftest: PASS");
+    assert!(outcome.stderr.is_empty(), "{outcome}");
+}
+
+#[test]
+fn boot_triple_fault_exits_three() {
+    let args = ["--mem", "64M", "--cmdline", "testguest.action=triplefault"];
+    let Some(outcome) = boot("boot_triple_fault_exits_three", &args) else {
+        return;
+    };
+    assert_eq!(outcome.code(), 3, "{outcome}");
+    assert_eq!(outcome.stderr.lines().count(), 1, "{outcome}");
+    assert!(outcome.stderr.contains("triple-faulted"), "{outcome}");
+}
+
+#[test]
+fn boot_debug_exit_value_maps_to_status() {
+    for (value, status) in [(0, 0), (1, 33), (5, 37), (200, 127)] {
+        let cmdline = format!("testguest.action=exit:{value}");
+        let Some(outcome) = boot(
+            "boot_debug_exit_value_maps_to_status",
+            &["--mem", "64M", "--cmdline", &cmdline],
+        ) else {
+            return;
+        };
+        assert_eq!(outcome.code(), status, "{outcome}");
+        if status != 0 {
+            assert!(
+                outcome
+                    .stderr
+                    .contains(&format!("guest wrote {value} to the debug-exit port")),
+                "{outcome}"
+            );
+        }
+    }
+}
+
+/// The guest is built for x86_64-unknown-none (soft-float): no SSE/AVX register
+/// use, and none of the instructions the nested hosts cannot emulate at CPL0.
+#[test]
+fn test_guest_has_no_sse_avx_or_unemulatable_instructions() {
+    let guest = test_guest();
+    let output = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(&guest)
+        .output()
+        .expect("objdump (binutils) is installed");
+    assert!(
+        output.status.success(),
+        "objdump failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.lines().count() > 100, "objdump printed no code");
+    let banned = [
+        "%xmm",
+        "%ymm",
+        "%zmm",
+        "cmpxchg16b",
+        "xsave",
+        "xrstor",
+        "int3",
+    ];
+    for line in text.lines() {
+        let insn = line.split_once(":\t").map_or("", |(_, i)| i).trim();
+        let mnemonic = insn.split_whitespace().next().unwrap_or("");
+        assert!(
+            !banned.iter().any(|b| insn.contains(b)),
+            "forbidden instruction: {line}"
+        );
+        assert_ne!(mnemonic, "int", "software interrupt: {line}");
+    }
+}
