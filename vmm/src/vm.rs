@@ -4,7 +4,8 @@
 //! Only this module and `vcpu.rs` issue KVM ioctls.
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_pit_config,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::GuestFrames;
@@ -25,6 +26,9 @@ pub enum Error {
     /// `/dev/kvm` is missing or not accessible.
     #[error("Cannot open /dev/kvm (is KVM available and permitted?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// `/dev/kvm` does not speak the KVM API.
+    #[error("/dev/kvm is not a usable KVM device (KVM_GET_API_VERSION returned {0}, expected 12)")]
+    NotKvm(i32),
     /// A KVM ioctl failed.
     #[error("KVM {0} failed")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
@@ -49,6 +53,10 @@ impl Vm {
     /// Creates the VM and maps every RAM region of `frames` into it.
     pub fn new(frames: &GuestFrames) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION as i32 {
+            return Err(Error::NotKvm(version));
+        }
         let fd = kvm.create_vm().map_err(|e| Error::Kvm("CREATE_VM", e))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(|e| Error::Kvm("SET_TSS_ADDR", e))?;
@@ -118,6 +126,16 @@ impl Vm {
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("CREATE_VCPU", e))?;
             let cpuid = cpuid::vcpu_cpuid(&supported, index, count, template);
+            for e in cpuid
+                .as_slice()
+                .iter()
+                .filter(|e| matches!(e.function, 0x1 | 0x7))
+            {
+                let (f, i, a, b, c, d) = (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx);
+                log::debug!(
+                    "vCPU {index} CPUID {f:#x}.{i}: eax={a:#010x} ebx={b:#010x} ecx={c:#010x} edx={d:#010x}"
+                );
+            }
             vcpu.set_cpuid2(&cpuid)
                 .map_err(|e| Error::Kvm("SET_CPUID2", e))?;
             let msrs = Msrs::from_entries(&regs::boot_msrs()).expect("few MSRs");

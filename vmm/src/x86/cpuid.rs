@@ -15,6 +15,13 @@
 //!   `xrstor`); on ordinary KVM hosts it costs vector extensions only.
 //! - `passthrough` exposes everything KVM supports (topology and hypervisor bit
 //!   still set): for hosts with hardware virtualization.
+//!
+//! Measured on the project's nested PVM hosts: a guest's CPUID shows the host's
+//! own value for every feature bit KVM_GET_SUPPORTED_CPUID does not list (there
+//! it lists few: XSAVE, AVX, AVX2, FMA and F16C are not listed, yet the guest
+//! sees them set), so a template can only hide what KVM reports (CMPXCHG16B is
+//! hidden). A Linux guest there needs `noxsave` on its command line. On
+//! ordinary KVM the table set here is what the guest sees.
 
 use std::fmt;
 use std::str::FromStr;
@@ -250,11 +257,7 @@ mod tests {
     fn supported() -> Vec<kvm_cpuid_entry2> {
         vec![
             leaf(0x0, 0, [0x1f, 0, 0, 0]),
-            leaf(
-                0x1,
-                0,
-                [0x906ea, 0x0008_0800, !ECX_HYPERVISOR, u32::MAX],
-            ),
+            leaf(0x1, 0, [0x906ea, 0x0008_0800, !ECX_HYPERVISOR, u32::MAX]),
             leaf(0x4, 0, [0x121, 0, 0, 0]),
             leaf(0x4, 3, [0x163, 0, 0, 0]),
             leaf(0x7, 0, [0, u32::MAX, u32::MAX, u32::MAX]),
