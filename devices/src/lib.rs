@@ -3,4 +3,8 @@
 //! Guest-facing devices live here: the virtio-mmio transport (virtio 1.2 §4.2),
 //! the device side of split virtqueues (§2.7), virtio-blk (§5.2) and the serial
 //! console. Device code is safe Rust and sees guest memory only through
-//! [`memory`]'s types. The crate is empty until the block-device issue lands.
+//! [`memory`]'s types.
+
+#![forbid(unsafe_code)]
+
+pub mod virtio;

@@ -5,9 +5,10 @@
 //! aligned to their size in *physical* frame numbers and never cross a RAM range
 //! boundary, so an order-9 block is a 2 MiB-aligned 2 MiB page.
 //!
-//! `alloc` and `free` touch O(MAX_ORDER) metadata entries (plus, for `free` while
-//! any pin exists, one read per frame of the block to refuse freeing pinned
-//! memory). `reserve`, `alloc_range` and `free_range` walk the blocks of the range
+//! `alloc` and `free` touch O(MAX_ORDER) metadata entries, plus, for `free`, one
+//! read per frame of the freed block to refuse freeing pinned memory (pins are
+//! taken lock-free through a shared copy of the table, so the allocator has no
+//! cheaper summary of them). `reserve`, `alloc_range` and `free_range` walk the blocks of the range
 //! they work on. Nothing allocates heap memory. Every error leaves the allocator
 //! exactly as it was.
 

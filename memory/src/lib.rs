@@ -26,6 +26,8 @@ pub mod table;
 #[cfg(feature = "std")]
 pub mod guest;
 #[cfg(feature = "std")]
+pub mod io;
+#[cfg(feature = "std")]
 pub mod layout;
 #[cfg(test)]
 mod test_util;

@@ -1,0 +1,67 @@
+//! virtio (virtio 1.2): the device side of split virtqueues (§2.7), and the
+//! interface between a device model and its transport (§4.2 virtio-mmio).
+//!
+//! A device model implements [`VirtioDevice`]: its type, queue sizes, feature
+//! bits, configuration space, and what it does with its queues. The transport
+//! owns the [`Queue`]s, the device status and feature negotiation, and raises
+//! interrupts through an [`Interrupt`]; it calls the device's
+//! [`process_queue`](VirtioDevice::process_queue) when the driver notifies a
+//! queue (from the event loop, through an ioeventfd in the VMM).
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
+pub mod queue;
+
+use std::fmt;
+
+use memory::GuestFrames;
+
+pub use queue::{
+    ChainError, DescriptorChain, MAX_QUEUE_SIZE, Queue, QueueError, ReadableBuffer, Reader,
+    ShortChain, WritableBuffer, Writer,
+};
+
+/// Feature bit: virtio 1.x device (§6).
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: indirect descriptors (§2.7.5.3).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 =
+    virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Feature bit: used_event / avail_event notification suppression (§2.7.10).
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// What a device model does behind a transport.
+pub trait VirtioDevice: Send + fmt::Debug {
+    /// Device ID (§5: 2 for block).
+    fn device_type(&self) -> u32;
+    /// QueueNumMax of each queue; the transport creates that many queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (including transport bits such as
+    /// VERSION_1, EVENT_IDX, INDIRECT_DESC when it supports them).
+    fn avail_features(&self) -> u64;
+    /// The features the driver accepted (a subset of `avail_features`), told at
+    /// FEATURES_OK.
+    fn ack_features(&mut self, features: u64);
+    /// Reads device configuration space at `offset` (out-of-range bytes read 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space (ignored where read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Handles the chains the driver made available on queue `index`. Returns
+    /// whether used entries were added (the transport then asks the queue
+    /// whether to interrupt). A fatal [`QueueError`] puts the device in
+    /// DEVICE_NEEDS_RESET; the device model handles non-fatal ones itself.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        frames: &GuestFrames,
+    ) -> Result<bool, QueueError>;
+    /// Back to the initial state (the transport resets the queues).
+    fn reset(&mut self);
+}
+
+/// Raises the device's interrupt line (an irqfd in the VMM, a counter in
+/// tests). The transport has already set InterruptStatus.
+pub trait Interrupt: Send + Sync + fmt::Debug {
+    /// Signals the interrupt.
+    fn trigger(&self);
+}

@@ -1,0 +1,841 @@
+//! Split virtqueue, device side (virtio 1.2 §2.7).
+//!
+//! The driver owns the descriptor table and the available ring; the device owns
+//! the used ring. Everything the device reads is hostile input:
+//! - queue setup is validated when the queue is made ready ([`Queue::activate`]):
+//!   size a power of two within the maximum, rings aligned (§2.7: 16, 2, 4) and
+//!   each inside one contiguous piece of RAM; the rings then stay DMA-pinned
+//!   while the queue is active;
+//! - [`Queue::pop`] treats `avail.idx` running more than the queue size ahead, a
+//!   head index beyond the queue, or a head that is still in flight as a corrupt
+//!   queue (a fatal [`QueueError`]: the device needs a reset);
+//! - a malformed chain (loops, `next` out of range, nested indirect tables,
+//!   INDIRECT with NEXT, a bad indirect length, readable after writable, a
+//!   buffer outside RAM, wrapping or straddling the MMIO hole) is returned to the
+//!   driver at once with used length 0 and reported as [`QueueError::BadChain`];
+//! - walking a chain has a budget of queue-size descriptors (indirect entries
+//!   included), so every walk ends.
+//!
+//! A valid chain becomes a [`DescriptorChain`]: device-readable buffers followed
+//! by device-writable ones, each pinned (`memory::PinGuard`) until the chain is
+//! handed back through [`Queue::add_used`]. The two kinds are different types:
+//! only [`WritableBuffer`]s can be written, through a [`Writer`], which also
+//! marks the frames it writes dirty.
+//!
+//! Notifications: `VIRTIO_F_EVENT_IDX` (§2.7.10) in both directions — the device
+//! publishes `avail_event` when it runs out of work, and [`Queue::needs_notification`]
+//! honours `used_event` — or, without it, `VIRTQ_AVAIL_F_NO_INTERRUPT`.
+//! Memory ordering follows §2.7.13: an acquire after reading `avail.idx`, a
+//! release before publishing `used.idx`, a full fence before reading the
+//! driver's event index.
+
+use std::num::Wrapping;
+use std::sync::atomic::{Ordering, fence};
+
+use memory::{GuestFrames, PinGuard};
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryError};
+
+/// Largest queue size minivmm offers (QueueNumMax).
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Bytes per descriptor.
+const DESC_SIZE: u64 = 16;
+/// Words in the in-flight bitmap.
+const IN_FLIGHT_WORDS: usize = MAX_QUEUE_SIZE as usize / 64;
+
+/// Why a single chain was refused. The chain has already been returned to the
+/// driver with used length 0; the queue keeps working.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// `next` (or an indirect index) beyond the table it indexes.
+    #[error("Descriptor index {0} out of range")]
+    DescriptorIndex(u16),
+    /// More descriptors than the queue size: a loop or an oversized chain.
+    #[error("Chain longer than the queue size")]
+    TooLong,
+    /// An indirect descriptor inside an indirect table.
+    #[error("Nested indirect descriptor")]
+    NestedIndirect,
+    /// INDIRECT and NEXT on the same descriptor.
+    #[error("Indirect descriptor with NEXT set")]
+    IndirectWithNext,
+    /// INDIRECT used without VIRTIO_RING_F_INDIRECT_DESC.
+    #[error("Indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")]
+    IndirectNotNegotiated,
+    /// An indirect table length of zero or not a multiple of 16.
+    #[error("Indirect table length {0} is invalid")]
+    IndirectLength(u32),
+    /// A device-readable buffer after a device-writable one.
+    #[error("Device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// A buffer (or indirect table) that is not contiguous guest RAM.
+    #[error("Buffer of {len} bytes at {addr:#x} is not guest RAM")]
+    Buffer {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u32,
+    },
+    /// Guest memory could not be read.
+    #[error("Cannot read a descriptor")]
+    Memory,
+}
+
+/// Errors of the queue itself.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Used before it was made ready and activated.
+    #[error("Queue is not ready")]
+    NotReady,
+    /// Size 0, not a power of two, or above the maximum.
+    #[error("Invalid queue size {0}")]
+    InvalidSize(u16),
+    /// A ring at an address the spec's alignment forbids.
+    #[error("{ring} at {addr:#x} is misaligned")]
+    Misaligned {
+        /// Which ring.
+        ring: &'static str,
+        /// Its address.
+        addr: u64,
+    },
+    /// A ring outside RAM, wrapping, or across a hole.
+    #[error("{ring} at {addr:#x} is not guest RAM")]
+    RingNotRam {
+        /// Which ring.
+        ring: &'static str,
+        /// Its address.
+        addr: u64,
+    },
+    /// `avail.idx` claims more entries than the queue holds.
+    #[error("avail.idx {avail} is {pending} entries ahead of the device")]
+    AvailIndex {
+        /// The driver's index.
+        avail: u16,
+        /// Entries it claims pending.
+        pending: u16,
+    },
+    /// A head index beyond the queue size in the available ring.
+    #[error("Head index {0} out of range")]
+    HeadIndex(u16),
+    /// A head offered again while still in flight.
+    #[error("Head {0} offered while still in flight")]
+    HeadInFlight(u16),
+    /// The rings could not be accessed.
+    #[error("Cannot access the rings")]
+    Memory(#[source] GuestMemoryError),
+    /// One malformed chain, already returned with length 0. Not fatal.
+    #[error("Malformed chain at head {head}")]
+    BadChain {
+        /// The chain's head.
+        head: u16,
+        /// What was wrong.
+        #[source]
+        source: ChainError,
+    },
+}
+
+impl QueueError {
+    /// Whether the queue is unusable (the device must enter NEEDS_RESET).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, QueueError::BadChain { .. })
+    }
+}
+
+/// A buffer the device may only read.
+#[derive(Debug)]
+pub struct ReadableBuffer {
+    addr: GuestAddress,
+    len: u32,
+    _pin: Option<PinGuard>,
+}
+
+/// A buffer the device may write (and read back).
+#[derive(Debug)]
+pub struct WritableBuffer {
+    addr: GuestAddress,
+    len: u32,
+    _pin: Option<PinGuard>,
+}
+
+macro_rules! buffer_accessors {
+    ($t:ty) => {
+        impl $t {
+            /// Guest address.
+            pub fn addr(&self) -> GuestAddress {
+                self.addr
+            }
+            /// Length in bytes.
+            pub fn len(&self) -> u32 {
+                self.len
+            }
+            /// Whether the buffer is empty.
+            pub fn is_empty(&self) -> bool {
+                self.len == 0
+            }
+        }
+    };
+}
+buffer_accessors!(ReadableBuffer);
+buffer_accessors!(WritableBuffer);
+
+/// A validated chain: device-readable buffers, then device-writable ones.
+#[derive(Debug)]
+pub struct DescriptorChain {
+    head: u16,
+    readable: Vec<ReadableBuffer>,
+    writable: Vec<WritableBuffer>,
+}
+
+impl DescriptorChain {
+    /// Index of the head descriptor.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+    /// The device-readable buffers, in chain order.
+    pub fn readable(&self) -> &[ReadableBuffer] {
+        &self.readable
+    }
+    /// The device-writable buffers, in chain order.
+    pub fn writable(&self) -> &[WritableBuffer] {
+        &self.writable
+    }
+    /// Total device-readable bytes.
+    pub fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|b| u64::from(b.len)).sum()
+    }
+    /// Total device-writable bytes.
+    pub fn writable_len(&self) -> u64 {
+        self.writable.iter().map(|b| u64::from(b.len)).sum()
+    }
+    /// A cursor over the readable bytes.
+    pub fn reader(&self) -> Reader<'_> {
+        Reader(Cursor::new(&self.readable))
+    }
+    /// A cursor over the writable bytes.
+    pub fn writer(&self) -> Writer<'_> {
+        Writer(Cursor::new(&self.writable))
+    }
+}
+
+/// Not enough bytes left in the buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{wanted} bytes wanted, {left} left in the chain")]
+pub struct ShortChain {
+    /// Bytes asked for.
+    pub wanted: u64,
+    /// Bytes left.
+    pub left: u64,
+}
+
+/// A buffer's place in guest memory.
+trait Piece {
+    fn piece(&self) -> (GuestAddress, u32);
+}
+
+impl Piece for ReadableBuffer {
+    fn piece(&self) -> (GuestAddress, u32) {
+        (self.addr, self.len)
+    }
+}
+
+impl Piece for WritableBuffer {
+    fn piece(&self) -> (GuestAddress, u32) {
+        (self.addr, self.len)
+    }
+}
+
+/// A byte position over a chain's buffers of one direction.
+#[derive(Debug)]
+struct Cursor<'a, B> {
+    bufs: &'a [B],
+    index: usize,
+    offset: u32,
+    left: u64,
+}
+
+impl<'a, B: Piece> Cursor<'a, B> {
+    fn new(bufs: &'a [B]) -> Self {
+        let left = bufs.iter().map(|b| u64::from(b.piece().1)).sum();
+        Cursor {
+            bufs,
+            index: 0,
+            offset: 0,
+            left,
+        }
+    }
+
+    /// Consumes `len` bytes, calling `f(addr, n)` for each contiguous piece.
+    fn take(&mut self, len: u64, mut f: impl FnMut(GuestAddress, usize)) -> Result<(), ShortChain> {
+        if len > self.left {
+            return Err(ShortChain {
+                wanted: len,
+                left: self.left,
+            });
+        }
+        let mut want = len;
+        while want > 0 {
+            let (addr, plen) = self.bufs[self.index].piece();
+            let n = u64::from(plen - self.offset).min(want);
+            if n > 0 {
+                f(GuestAddress(addr.0 + u64::from(self.offset)), n as usize);
+            }
+            want -= n;
+            self.offset += n as u32;
+            if self.offset == plen {
+                self.index += 1;
+                self.offset = 0;
+            }
+        }
+        self.left -= len;
+        Ok(())
+    }
+}
+
+/// Reads a chain's device-readable bytes in order.
+#[derive(Debug)]
+pub struct Reader<'a>(Cursor<'a, ReadableBuffer>);
+
+impl Reader<'_> {
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> u64 {
+        self.0.left
+    }
+
+    /// Fills `buf` from the next bytes.
+    pub fn read_exact(&mut self, frames: &GuestFrames, buf: &mut [u8]) -> Result<(), ShortChain> {
+        let mut done = 0;
+        let mem = frames.memory();
+        self.0.take(buf.len() as u64, |addr, n| {
+            // Validated and pinned RAM: the read cannot fail.
+            let _ = mem.read_slice(&mut buf[done..done + n], addr);
+            done += n;
+        })
+    }
+
+    /// Reads a plain-data value.
+    pub fn read_obj<T: ByteValued + Default>(
+        &mut self,
+        frames: &GuestFrames,
+    ) -> Result<T, ShortChain> {
+        let mut value = T::default();
+        self.read_exact(frames, value.as_mut_slice())?;
+        Ok(value)
+    }
+
+    /// Consumes `len` bytes, appending their guest memory pieces to `out` (for
+    /// I/O straight from guest memory).
+    pub fn take_segments(
+        &mut self,
+        len: u64,
+        out: &mut Vec<(GuestAddress, usize)>,
+    ) -> Result<(), ShortChain> {
+        self.0.take(len, |addr, n| out.push((addr, n)))
+    }
+
+    /// Skips `len` bytes.
+    pub fn skip(&mut self, len: u64) -> Result<(), ShortChain> {
+        self.0.take(len, |_, _| {})
+    }
+}
+
+/// Writes a chain's device-writable bytes in order, marking them dirty.
+#[derive(Debug)]
+pub struct Writer<'a>(Cursor<'a, WritableBuffer>);
+
+impl Writer<'_> {
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> u64 {
+        self.0.left
+    }
+
+    /// Writes all of `buf` to the next bytes.
+    pub fn write_all(&mut self, frames: &GuestFrames, buf: &[u8]) -> Result<(), ShortChain> {
+        let mut done = 0;
+        self.0.take(buf.len() as u64, |addr, n| {
+            // Validated and pinned RAM: neither call can fail.
+            let _ = frames.memory().write_slice(&buf[done..done + n], addr);
+            let _ = frames.mark_dirty(addr, n as u64);
+            done += n;
+        })
+    }
+
+    /// Writes a plain-data value.
+    pub fn write_obj<T: ByteValued>(
+        &mut self,
+        frames: &GuestFrames,
+        value: T,
+    ) -> Result<(), ShortChain> {
+        self.write_all(frames, value.as_slice())
+    }
+
+    /// Consumes `len` bytes, appending their guest memory pieces to `out` (for
+    /// I/O straight into guest memory; the caller marks what it writes dirty,
+    /// as `GuestFrames::read_file_at` does).
+    pub fn take_segments(
+        &mut self,
+        len: u64,
+        out: &mut Vec<(GuestAddress, usize)>,
+    ) -> Result<(), ShortChain> {
+        self.0.take(len, |addr, n| out.push((addr, n)))
+    }
+
+    /// Skips `len` bytes.
+    pub fn skip(&mut self, len: u64) -> Result<(), ShortChain> {
+        self.0.take(len, |_, _| {})
+    }
+}
+
+/// One descriptor as read from guest memory.
+#[derive(Clone, Copy, Debug)]
+struct Descriptor {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+impl Descriptor {
+    fn has(&self, flag: u32) -> bool {
+        u32::from(self.flags) & flag != 0
+    }
+}
+
+/// Heads handed to the device and not yet returned.
+#[derive(Clone, Debug, Default)]
+struct InFlight([u64; IN_FLIGHT_WORDS], u16);
+
+impl InFlight {
+    /// Marks `head` in flight; false if it already was.
+    fn insert(&mut self, head: u16) -> bool {
+        let (w, b) = (usize::from(head) / 64, head % 64);
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        if !was {
+            self.1 += 1;
+        }
+        !was
+    }
+    /// Clears `head`; false if it was not in flight.
+    fn remove(&mut self, head: u16) -> bool {
+        let (w, b) = (usize::from(head) / 64, head % 64);
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] &= !(1 << b);
+        if was {
+            self.1 -= 1;
+        }
+        was
+    }
+}
+
+/// A split virtqueue as the device sees it.
+#[derive(Debug)]
+pub struct Queue {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    desc_table: GuestAddress,
+    avail_ring: GuestAddress,
+    used_ring: GuestAddress,
+    event_idx: bool,
+    indirect: bool,
+    next_avail: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+    signalled_used: Option<Wrapping<u16>>,
+    in_flight: InFlight,
+    ring_pins: Vec<PinGuard>,
+    active: bool,
+}
+
+impl Queue {
+    /// A queue offering at most `max_size` entries (a power of two no larger than
+    /// [`MAX_QUEUE_SIZE`]; larger values are clamped).
+    pub fn new(max_size: u16) -> Self {
+        let max_size = max_size.clamp(1, MAX_QUEUE_SIZE);
+        let max_size = if max_size.is_power_of_two() {
+            max_size
+        } else {
+            max_size.next_power_of_two() / 2
+        };
+        Queue {
+            max_size,
+            size: max_size,
+            ready: false,
+            desc_table: GuestAddress(0),
+            avail_ring: GuestAddress(0),
+            used_ring: GuestAddress(0),
+            event_idx: false,
+            indirect: false,
+            next_avail: Wrapping(0),
+            next_used: Wrapping(0),
+            signalled_used: None,
+            in_flight: InFlight::default(),
+            ring_pins: Vec::new(),
+            active: false,
+        }
+    }
+
+    /// QueueNumMax.
+    pub fn max_size(&self) -> u16 {
+        self.max_size
+    }
+    /// Current size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+    /// QueueReady as the driver set it.
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+    /// Whether the queue is ready and passed validation.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+    /// Descriptor table address.
+    pub fn desc_table(&self) -> GuestAddress {
+        self.desc_table
+    }
+    /// Available ring address.
+    pub fn avail_ring(&self) -> GuestAddress {
+        self.avail_ring
+    }
+    /// Used ring address.
+    pub fn used_ring(&self) -> GuestAddress {
+        self.used_ring
+    }
+    /// Chains popped and not yet returned.
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight.1
+    }
+
+    /// Sets the size (QueueNum): a power of two, 1..=max.
+    pub fn try_set_size(&mut self, size: u16) -> Result<(), QueueError> {
+        if size == 0 || size > self.max_size || !size.is_power_of_two() {
+            return Err(QueueError::InvalidSize(size));
+        }
+        self.size = size;
+        Ok(())
+    }
+
+    /// Sets the low and/or high half of the descriptor table address.
+    pub fn set_desc_table_address(&mut self, low: Option<u32>, high: Option<u32>) {
+        self.desc_table = GuestAddress(merge(self.desc_table.0, low, high));
+    }
+    /// Sets the low and/or high half of the available ring address.
+    pub fn set_avail_ring_address(&mut self, low: Option<u32>, high: Option<u32>) {
+        self.avail_ring = GuestAddress(merge(self.avail_ring.0, low, high));
+    }
+    /// Sets the low and/or high half of the used ring address.
+    pub fn set_used_ring_address(&mut self, low: Option<u32>, high: Option<u32>) {
+        self.used_ring = GuestAddress(merge(self.used_ring.0, low, high));
+    }
+    /// Sets QueueReady. Clearing it deactivates the queue.
+    pub fn set_ready(&mut self, ready: bool) {
+        self.ready = ready;
+        if !ready {
+            self.active = false;
+            self.ring_pins.clear();
+        }
+    }
+    /// Whether VIRTIO_F_EVENT_IDX was negotiated.
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+    /// Whether VIRTIO_RING_F_INDIRECT_DESC was negotiated.
+    pub fn set_indirect(&mut self, on: bool) {
+        self.indirect = on;
+    }
+
+    /// Validates a ready queue's setup and pins its rings; called when the
+    /// driver sets QueueReady (or at DRIVER_OK). On error the queue stays
+    /// inactive.
+    pub fn activate(&mut self, frames: &GuestFrames) -> Result<(), QueueError> {
+        self.active = false;
+        self.ring_pins.clear();
+        if !self.ready {
+            return Err(QueueError::NotReady);
+        }
+        if self.size == 0 || self.size > self.max_size || !self.size.is_power_of_two() {
+            return Err(QueueError::InvalidSize(self.size));
+        }
+        let size = u64::from(self.size);
+        let rings = [
+            ("descriptor table", self.desc_table, 16, DESC_SIZE * size),
+            ("available ring", self.avail_ring, 2, 6 + 2 * size),
+            ("used ring", self.used_ring, 4, 6 + 8 * size),
+        ];
+        let mut pins = Vec::with_capacity(3);
+        for (ring, addr, align, len) in rings {
+            if addr.0 % align != 0 {
+                return Err(QueueError::Misaligned { ring, addr: addr.0 });
+            }
+            pins.push(
+                frames
+                    .pin(addr, len)
+                    .map_err(|_| QueueError::RingNotRam { ring, addr: addr.0 })?,
+            );
+        }
+        self.ring_pins = pins;
+        self.active = true;
+        Ok(())
+    }
+
+    /// Back to the initial state: not ready, nothing in flight, rings unpinned.
+    pub fn reset(&mut self) {
+        *self = Queue::new(self.max_size);
+    }
+
+    /// Takes the next available chain, or `None` when the driver has offered
+    /// nothing new. See the module docs for what each error means.
+    pub fn pop(&mut self, frames: &GuestFrames) -> Result<Option<DescriptorChain>, QueueError> {
+        if !self.active {
+            return Err(QueueError::NotReady);
+        }
+        let mem = frames.memory();
+        let mut avail = self.avail_idx(frames)?;
+        if avail == self.next_avail && self.event_idx {
+            // Out of work: ask to be notified at the next entry, then look again
+            // (the driver may have added one before seeing avail_event).
+            let avail_event = self.used_ring.0 + 4 + 8 * u64::from(self.size);
+            mem.store(
+                self.next_avail.0,
+                GuestAddress(avail_event),
+                Ordering::Relaxed,
+            )
+            .map_err(QueueError::Memory)?;
+            let _ = frames.mark_dirty(GuestAddress(avail_event), 2);
+            fence(Ordering::SeqCst);
+            avail = self.avail_idx(frames)?;
+        }
+        let pending = (avail - self.next_avail).0;
+        if pending == 0 {
+            return Ok(None);
+        }
+        if pending > self.size {
+            return Err(QueueError::AvailIndex {
+                avail: avail.0,
+                pending,
+            });
+        }
+        let slot = u64::from(self.next_avail.0 % self.size);
+        let head: u16 = mem
+            .read_obj(GuestAddress(self.avail_ring.0 + 4 + 2 * slot))
+            .map_err(QueueError::Memory)?;
+        if head >= self.size {
+            return Err(QueueError::HeadIndex(head));
+        }
+        if !self.in_flight.insert(head) {
+            return Err(QueueError::HeadInFlight(head));
+        }
+        self.next_avail += Wrapping(1);
+        match self.walk(frames, head) {
+            Ok(chain) => Ok(Some(chain)),
+            Err(source) => {
+                self.in_flight.remove(head);
+                self.push_used(frames, head, 0)?;
+                Err(QueueError::BadChain { head, source })
+            }
+        }
+    }
+
+    /// Returns `chain` to the driver with `len` bytes written; its buffers are
+    /// unpinned once the used entry is published.
+    pub fn add_used(
+        &mut self,
+        frames: &GuestFrames,
+        chain: DescriptorChain,
+        len: u32,
+    ) -> Result<(), QueueError> {
+        if !self.active {
+            return Err(QueueError::NotReady);
+        }
+        let head = chain.head;
+        // A chain from before a reset is not ours to return any more.
+        if !self.in_flight.remove(head) {
+            return Err(QueueError::HeadIndex(head));
+        }
+        let len = len.min(u32::try_from(chain.writable_len()).unwrap_or(u32::MAX));
+        self.push_used(frames, head, len)?;
+        drop(chain);
+        Ok(())
+    }
+
+    /// Whether the driver wants an interrupt for the used entries added since
+    /// the last call that returned true.
+    pub fn needs_notification(&mut self, frames: &GuestFrames) -> Result<bool, QueueError> {
+        if !self.active {
+            return Ok(false);
+        }
+        let mem = frames.memory();
+        fence(Ordering::SeqCst);
+        let new = self.next_used;
+        if !self.event_idx {
+            let flags: u16 = mem
+                .load(self.avail_ring, Ordering::Acquire)
+                .map_err(QueueError::Memory)?;
+            let changed = self.signalled_used != Some(new);
+            self.signalled_used = Some(new);
+            return Ok(changed && u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0);
+        }
+        let used_event_addr = GuestAddress(self.avail_ring.0 + 4 + 2 * u64::from(self.size));
+        let used_event = Wrapping(
+            mem.load::<u16>(used_event_addr, Ordering::Acquire)
+                .map_err(QueueError::Memory)?,
+        );
+        let old = match self.signalled_used.replace(new) {
+            Some(old) => old,
+            None => return Ok(true),
+        };
+        // vring_need_event (§2.7.10): did new pass used_event since old?
+        Ok(new - used_event - Wrapping(1) < new - old)
+    }
+
+    fn avail_idx(&self, frames: &GuestFrames) -> Result<Wrapping<u16>, QueueError> {
+        let idx: u16 = frames
+            .memory()
+            .load(GuestAddress(self.avail_ring.0 + 2), Ordering::Acquire)
+            .map_err(QueueError::Memory)?;
+        Ok(Wrapping(idx))
+    }
+
+    fn push_used(&mut self, frames: &GuestFrames, head: u16, len: u32) -> Result<(), QueueError> {
+        let mem = frames.memory();
+        let slot = u64::from(self.next_used.0 % self.size);
+        let elem = GuestAddress(self.used_ring.0 + 4 + 8 * slot);
+        mem.write_obj(u32::from(head), elem)
+            .map_err(QueueError::Memory)?;
+        mem.write_obj(len, GuestAddress(elem.0 + 4))
+            .map_err(QueueError::Memory)?;
+        self.next_used += Wrapping(1);
+        // The element before the index that publishes it (§2.7.13).
+        mem.store(
+            self.next_used.0,
+            GuestAddress(self.used_ring.0 + 2),
+            Ordering::Release,
+        )
+        .map_err(QueueError::Memory)?;
+        let _ = frames.mark_dirty(elem, 8);
+        let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + 2), 2);
+        Ok(())
+    }
+
+    fn read_desc(
+        frames: &GuestFrames,
+        table: GuestAddress,
+        index: u16,
+    ) -> Result<Descriptor, ChainError> {
+        let mut raw = [0u8; DESC_SIZE as usize];
+        frames
+            .memory()
+            .read_slice(
+                &mut raw,
+                GuestAddress(table.0 + DESC_SIZE * u64::from(index)),
+            )
+            .map_err(|_| ChainError::Memory)?;
+        Ok(Descriptor {
+            addr: u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
+            len: u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
+            flags: u16::from_le_bytes([raw[12], raw[13]]),
+            next: u16::from_le_bytes([raw[14], raw[15]]),
+        })
+    }
+
+    /// Walks the chain at `head` within the descriptor budget.
+    fn walk(&self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
+        let mut chain = DescriptorChain {
+            head,
+            readable: Vec::new(),
+            writable: Vec::new(),
+        };
+        let mut table = self.desc_table;
+        let mut table_len = self.size;
+        let mut in_indirect = false;
+        let mut _indirect_pin = None;
+        let mut index = head;
+        let mut budget = self.size;
+        loop {
+            if budget == 0 {
+                return Err(ChainError::TooLong);
+            }
+            budget -= 1;
+            let desc = Self::read_desc(frames, table, index)?;
+            if desc.has(VRING_DESC_F_INDIRECT) {
+                if in_indirect {
+                    return Err(ChainError::NestedIndirect);
+                }
+                if !self.indirect {
+                    return Err(ChainError::IndirectNotNegotiated);
+                }
+                if desc.has(VRING_DESC_F_NEXT) {
+                    return Err(ChainError::IndirectWithNext);
+                }
+                if desc.len == 0
+                    || u64::from(desc.len) % DESC_SIZE != 0
+                    || u64::from(desc.len) / DESC_SIZE > 0xffff
+                {
+                    return Err(ChainError::IndirectLength(desc.len));
+                }
+                let pin = frames
+                    .pin(GuestAddress(desc.addr), u64::from(desc.len))
+                    .map_err(|_| ChainError::Buffer {
+                        addr: desc.addr,
+                        len: desc.len,
+                    })?;
+                _indirect_pin = Some(pin);
+                table = GuestAddress(desc.addr);
+                table_len = (u64::from(desc.len) / DESC_SIZE) as u16;
+                in_indirect = true;
+                index = 0;
+                continue;
+            }
+            let pin = if desc.len > 0 {
+                Some(
+                    frames
+                        .pin(GuestAddress(desc.addr), u64::from(desc.len))
+                        .map_err(|_| ChainError::Buffer {
+                            addr: desc.addr,
+                            len: desc.len,
+                        })?,
+                )
+            } else {
+                None
+            };
+            let (addr, len) = (GuestAddress(desc.addr), desc.len);
+            if desc.has(VRING_DESC_F_WRITE) {
+                chain.writable.push(WritableBuffer {
+                    addr,
+                    len,
+                    _pin: pin,
+                });
+            } else {
+                if !chain.writable.is_empty() {
+                    return Err(ChainError::ReadableAfterWritable);
+                }
+                chain.readable.push(ReadableBuffer {
+                    addr,
+                    len,
+                    _pin: pin,
+                });
+            }
+            if !desc.has(VRING_DESC_F_NEXT) {
+                return Ok(chain);
+            }
+            if desc.next >= table_len {
+                return Err(ChainError::DescriptorIndex(desc.next));
+            }
+            index = desc.next;
+        }
+    }
+}
+
+/// Replaces the low and/or high 32 bits of `value`.
+fn merge(value: u64, low: Option<u32>, high: Option<u32>) -> u64 {
+    let low = low.map_or(value & 0xffff_ffff, u64::from);
+    let high = high.map_or(value >> 32, u64::from);
+    (high << 32) | low
+}
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;
