@@ -10,6 +10,7 @@
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod mmio;
 pub mod queue;
 
 use std::fmt;

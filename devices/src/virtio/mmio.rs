@@ -1,0 +1,399 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), with the device
+//! status state machine of §2.1 and the initialization sequence of §3.1.1.
+//!
+//! Everything the driver writes is checked:
+//! - registers below the config space take aligned 32-bit accesses only;
+//!   other widths read 0 and are ignored (counted);
+//! - the status only advances ACKNOWLEDGE → DRIVER → FEATURES_OK → DRIVER_OK
+//!   (FAILED any time, 0 resets); a write that clears bits or skips a step is
+//!   ignored (counted). FEATURES_OK is refused without VIRTIO_F_VERSION_1;
+//! - feature words are writable only before FEATURES_OK; bits the device did
+//!   not offer are dropped (counted);
+//! - queue registers are writable only between FEATURES_OK and DRIVER_OK and,
+//!   but for QueueReady=0, only while the queue is not ready: a queue's size or
+//!   rings never change under an active queue (ADVERSARIAL.md §9);
+//! - at DRIVER_OK every ready queue is validated ([`Queue::activate`]); a bad
+//!   queue, or a fatal queue error later, sets DEVICE_NEEDS_RESET and raises a
+//!   configuration-change interrupt (§2.1.2);
+//! - QueueNotify for a queue that does not exist, before DRIVER_OK, for an
+//!   inactive queue or while NEEDS_RESET is set touches nothing (counted).
+//!
+//! Notifications normally arrive through an ioeventfd on QueueNotify (the VMM
+//! calls [`MmioTransport::process_queue`] from its event loop); a write that
+//! reaches the transport does the same. ConfigGeneration counts resets: the
+//! devices' configuration does not change at run time otherwise.
+
+use std::sync::Arc;
+
+use log::warn;
+use memory::GuestFrames;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+
+use super::{Interrupt, Queue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice};
+use crate::bus::BusDevice;
+
+/// Bytes of one virtio-mmio device window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// "virt", little endian.
+const MAGIC: u32 = 0x7472_6976;
+/// Transport version 2 (virtio 1.x, no legacy).
+const VERSION: u32 = 2;
+/// Vendor ID: "MVMM".
+pub const VENDOR_ID: u32 = 0x4d4d_564d;
+
+/// Counters of what the driver did wrong (or merely oddly).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransportMetrics {
+    /// Accesses of the wrong width or alignment, or to unknown registers.
+    pub bad_access: u64,
+    /// Status writes that clear bits or skip a step.
+    pub bad_status: u64,
+    /// Feature writes after FEATURES_OK, or bits that were not offered.
+    pub bad_features: u64,
+    /// FEATURES_OK refused (no VIRTIO_F_VERSION_1).
+    pub features_refused: u64,
+    /// Queue register writes outside the allowed window or for no queue.
+    pub bad_queue_write: u64,
+    /// QueueNum values rejected.
+    pub bad_queue_size: u64,
+    /// Notifications that could not be acted on.
+    pub bad_notify: u64,
+    /// Times the device entered DEVICE_NEEDS_RESET.
+    pub needs_reset: u64,
+    /// Device resets (status 0).
+    pub resets: u64,
+    /// Queue notifications processed.
+    pub notifies: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
+}
+
+/// A virtio device behind a virtio-mmio register window.
+#[derive(Debug)]
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    frames: Arc<GuestFrames>,
+    interrupt: Arc<dyn Interrupt>,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    metrics: TransportMetrics,
+    logged_fatal: bool,
+}
+
+impl MmioTransport {
+    /// Wraps `device`, with one queue per entry of its `queue_max_sizes`.
+    pub fn new(device: Box<dyn VirtioDevice>, frames: Arc<GuestFrames>, interrupt: Arc<dyn Interrupt>) -> Self {
+        let queues = device.queue_max_sizes().iter().map(|&max| Queue::new(max)).collect();
+        MmioTransport {
+            device,
+            frames,
+            interrupt,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            metrics: TransportMetrics::default(),
+            logged_fatal: false,
+        }
+    }
+
+    /// Offset of QueueNotify, for the VMM's ioeventfds.
+    pub const fn queue_notify_offset() -> u64 {
+        VIRTIO_MMIO_QUEUE_NOTIFY as u64
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> TransportMetrics {
+        self.metrics
+    }
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+    /// InterruptStatus.
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+    /// Queue `index`.
+    pub fn queue(&self, index: usize) -> Option<&Queue> {
+        self.queues.get(index)
+    }
+    /// The device model.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// Handles a notification of queue `index`: runs the device on it when the
+    /// device is live and the queue active, and interrupts the driver if the
+    /// queue asks for it.
+    pub fn process_queue(&mut self, index: usize) {
+        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+        let Some(queue) = self.queues.get_mut(index).filter(|q| live && q.is_active()) else {
+            self.metrics.bad_notify += 1;
+            return;
+        };
+        self.metrics.notifies += 1;
+        let result = self
+            .device
+            .process_queue(index, queue, &self.frames)
+            .and_then(|used| if used { queue.needs_notification(&self.frames) } else { Ok(false) });
+        match result {
+            Ok(true) => self.raise(VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
+            Err(e) if e.is_fatal() => {
+                if !self.logged_fatal {
+                    warn!("virtio device {}: queue {index}: {e}; the device needs a reset", self.device.device_type());
+                    self.logged_fatal = true;
+                }
+                self.needs_reset();
+            }
+            // The device model handles non-fatal errors; one reaching here has
+            // already been returned to the driver.
+            Err(_) => self.raise(VIRTIO_MMIO_INT_VRING),
+        }
+    }
+
+    fn raise(&mut self, bit: u32) {
+        self.interrupt_status |= bit;
+        self.metrics.interrupts += 1;
+        self.interrupt.trigger();
+    }
+
+    fn needs_reset(&mut self) {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.metrics.needs_reset += 1;
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.queues.iter_mut().for_each(Queue::reset);
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.metrics.resets += 1;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        if value & old != old {
+            self.metrics.bad_status += 1; // clears bits
+            return;
+        }
+        // FAILED may be set at any time and ends the driver's use of the device.
+        let value_no_failed = value & !VIRTIO_CONFIG_S_FAILED;
+        let old_no_failed = old & !VIRTIO_CONFIG_S_FAILED;
+        let steps = [
+            VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            VIRTIO_CONFIG_S_DRIVER,
+            VIRTIO_CONFIG_S_FEATURES_OK,
+            VIRTIO_CONFIG_S_DRIVER_OK,
+        ];
+        let new_bits = value_no_failed & !old_no_failed & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        // Exactly the next step (or nothing but FAILED).
+        let next = steps.iter().copied().find(|s| old_no_failed & s == 0);
+        let allowed = new_bits == 0 || (Some(new_bits) == next);
+        if !allowed || (value & VIRTIO_CONFIG_S_NEEDS_RESET != 0 && old & VIRTIO_CONFIG_S_NEEDS_RESET == 0) {
+            self.metrics.bad_status += 1;
+            return;
+        }
+        match new_bits {
+            VIRTIO_CONFIG_S_FEATURES_OK => {
+                if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                    self.metrics.features_refused += 1;
+                    self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+                    return;
+                }
+                self.device.ack_features(self.acked_features);
+                let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                let indirect = self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                    q.set_indirect(indirect);
+                }
+            }
+            VIRTIO_CONFIG_S_DRIVER_OK => {
+                self.status = value;
+                let frames = &self.frames;
+                let failed = self.queues.iter_mut().filter(|q| q.ready()).any(|q| q.activate(frames).is_err());
+                if failed {
+                    if !self.logged_fatal {
+                        warn!("virtio device {}: a queue is set up outside guest RAM", self.device.device_type());
+                        self.logged_fatal = true;
+                    }
+                    self.needs_reset();
+                }
+                return;
+            }
+            _ => {}
+        }
+        self.status = value;
+    }
+
+    /// Whether queue registers may be written now (FEATURES_OK, not DRIVER_OK).
+    fn queue_writable(&self) -> Option<usize> {
+        let window = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED) == 0;
+        let index = self.queue_sel as usize;
+        (window && index < self.queues.len()).then_some(index)
+    }
+
+    fn write_queue_register(&mut self, offset: u32, value: u32) {
+        let Some(index) = self.queue_writable() else {
+            self.metrics.bad_queue_write += 1;
+            return;
+        };
+        let queue = &mut self.queues[index];
+        if offset == VIRTIO_MMIO_QUEUE_READY {
+            queue.set_ready(value == 1);
+            return;
+        }
+        if queue.ready() {
+            self.metrics.bad_queue_write += 1;
+            return;
+        }
+        match offset {
+            VIRTIO_MMIO_QUEUE_NUM => {
+                let ok = u16::try_from(value).ok().is_some_and(|size| queue.try_set_size(size).is_ok());
+                if !ok {
+                    self.metrics.bad_queue_size += 1;
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => queue.set_avail_ring_address(Some(value), None),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => queue.set_avail_ring_address(None, Some(value)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => queue.set_used_ring_address(Some(value), None),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => queue.set_used_ring_address(None, Some(value)),
+            _ => self.metrics.bad_access += 1,
+        }
+    }
+
+    fn read_register(&mut self, offset: u32) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.avail_features() as u32,
+                1 => (self.device.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: length all ones (§4.2.2).
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            _ => {
+                self.metrics.bad_access += 1;
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u32, value: u32) {
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_READY
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_register(offset, value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.process_queue(value as usize),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_SHM_SEL => {}
+            _ => self.metrics.bad_access += 1,
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 || self.status & VIRTIO_CONFIG_S_DRIVER == 0 {
+            self.metrics.bad_features += 1;
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => {
+                self.metrics.bad_features += 1;
+                return;
+            }
+        };
+        let offered = self.device.avail_features();
+        let word = u64::from(value) << shift;
+        if word & !offered != 0 {
+            self.metrics.bad_features += 1;
+        }
+        self.acked_features = (self.acked_features & !(0xffff_ffff << shift)) | (word & offered);
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            self.metrics.bad_access += 1;
+            data.fill(0);
+            return;
+        }
+        let value = self.read_register(offset as u32);
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device.write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.metrics.bad_access += 1;
+            return;
+        };
+        if offset % 4 != 0 {
+            self.metrics.bad_access += 1;
+            return;
+        }
+        self.write_register(offset as u32, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+#[path = "mmio_tests.rs"]
+mod tests;

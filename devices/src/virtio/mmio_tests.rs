@@ -1,0 +1,381 @@
+//! Tests of the virtio-mmio transport: the handshake, and every case of
+//! ../shared/ADVERSARIAL.md §9-10, each ending with the transport serving a
+//! fresh handshake and a well-formed request.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memory::guest::Backing;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::mock::MockDriver;
+use crate::virtio::{MAX_QUEUE_SIZE, QueueError};
+
+const RINGS: GuestAddress = GuestAddress(0x10_0000);
+const DATA: u64 = 0x20_0000;
+const SIZE: u16 = 8;
+const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 1;
+
+/// A device that completes every chain with length 1, or fails fatally when
+/// told to.
+#[derive(Debug, Default)]
+struct FakeDevice {
+    acked: Arc<AtomicU64>,
+    processed: Arc<AtomicU64>,
+    resets: Arc<AtomicU64>,
+    fail: Arc<Mutex<bool>>,
+}
+
+impl VirtioDevice for FakeDevice {
+    fn device_type(&self) -> u32 {
+        42
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[MAX_QUEUE_SIZE]
+    }
+    fn avail_features(&self) -> u64 {
+        FEATURES
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked.store(features, Ordering::SeqCst);
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (offset as u8).wrapping_add(i as u8);
+        }
+    }
+    fn write_config(&mut self, _: u64, _: &[u8]) {}
+    fn process_queue(&mut self, _: usize, queue: &mut Queue, frames: &GuestFrames) -> Result<bool, QueueError> {
+        self.processed.fetch_add(1, Ordering::SeqCst);
+        if *self.fail.lock().unwrap() {
+            return Err(QueueError::HeadIndex(999));
+        }
+        let mut used = false;
+        while let Some(chain) = queue.pop(frames)? {
+            queue.add_used(frames, chain, 1)?;
+            used = true;
+        }
+        Ok(used)
+    }
+    fn reset(&mut self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Default)]
+struct CountingInterrupt(AtomicU64);
+
+impl Interrupt for CountingInterrupt {
+    fn trigger(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct Rig {
+    frames: Arc<GuestFrames>,
+    transport: MmioTransport,
+    irq: Arc<CountingInterrupt>,
+    processed: Arc<AtomicU64>,
+    fail: Arc<Mutex<bool>>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let frames = Arc::new(GuestFrames::new(16 << 20, Backing::Anonymous).unwrap());
+        let device = FakeDevice::default();
+        let (processed, fail) = (device.processed.clone(), device.fail.clone());
+        let irq = Arc::new(CountingInterrupt::default());
+        let transport = MmioTransport::new(Box::new(device), frames.clone(), irq.clone());
+        Rig { frames, transport, irq, processed, fail }
+    }
+
+    fn r(&mut self, offset: u32) -> u32 {
+        let mut data = [0u8; 4];
+        self.transport.read(u64::from(offset), &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn w(&mut self, offset: u32, value: u32) {
+        self.transport.write(u64::from(offset), &value.to_le_bytes());
+    }
+
+    /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
+    fn negotiate(&mut self) {
+        self.w(VIRTIO_MMIO_STATUS, 0);
+        self.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        self.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1 (bit 32)
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        self.w(VIRTIO_MMIO_STATUS, 0b1011);
+        assert_eq!(self.r(VIRTIO_MMIO_STATUS), 0b1011);
+    }
+
+    fn setup_queue(&mut self, driver: &MockDriver<'_>) {
+        self.w(VIRTIO_MMIO_QUEUE_SEL, 0);
+        self.w(VIRTIO_MMIO_QUEUE_NUM, u32::from(driver.size()));
+        for (lo, hi, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, driver.desc_table()),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, driver.avail_ring()),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_QUEUE_USED_HIGH, driver.used_ring()),
+        ] {
+            self.w(lo, addr.0 as u32);
+            self.w(hi, (addr.0 >> 32) as u32);
+        }
+        self.w(VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    fn driver_ok(&mut self) {
+        self.w(VIRTIO_MMIO_STATUS, 0b1111);
+    }
+
+    /// A full handshake and one completed request.
+    fn assert_serves(&mut self) {
+        let frames = self.frames.clone();
+        let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+        self.negotiate();
+        self.setup_queue(&driver);
+        self.driver_ok();
+        assert_eq!(self.r(VIRTIO_MMIO_STATUS), 0b1111);
+        let irqs = self.irq.0.load(Ordering::SeqCst);
+        let head = driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 1, true)]);
+        self.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.used_elem(0), (u32::from(head), 1));
+        assert_eq!(self.irq.0.load(Ordering::SeqCst), irqs + 1);
+        assert_eq!(self.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_VRING);
+        self.w(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(self.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    }
+}
+
+#[test]
+fn mmio_identifies_itself_and_serves_a_request() {
+    let mut rig = Rig::new();
+    assert_eq!(rig.r(VIRTIO_MMIO_MAGIC_VALUE), u32::from_le_bytes(*b"virt"));
+    assert_eq!(rig.r(VIRTIO_MMIO_VERSION), 2);
+    assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_ID), 42);
+    assert_eq!(rig.r(VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+    rig.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_FEATURES), 1);
+    rig.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_FEATURES), (1 << VIRTIO_RING_F_EVENT_IDX) | 1);
+    rig.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7);
+    assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_FEATURES), 0);
+    assert_eq!(rig.r(VIRTIO_MMIO_QUEUE_NUM_MAX), u32::from(MAX_QUEUE_SIZE));
+    assert_eq!(rig.r(VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+    rig.assert_serves();
+    assert_eq!(rig.transport.metrics().bad_access, 0);
+}
+
+#[test]
+fn mmio_config_space_is_forwarded_at_any_width() {
+    let mut rig = Rig::new();
+    let mut one = [0u8; 1];
+    rig.transport.read(0x105, &mut one);
+    assert_eq!(one, [5]);
+    let mut eight = [0u8; 8];
+    rig.transport.read(0x100, &mut eight);
+    assert_eq!(eight, [0, 1, 2, 3, 4, 5, 6, 7]);
+}
+
+#[test]
+fn mmio_queue_registers_ignored_before_features_ok() {
+    let mut rig = Rig::new();
+    rig.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    rig.w(VIRTIO_MMIO_QUEUE_NUM, 4);
+    rig.w(VIRTIO_MMIO_QUEUE_READY, 1);
+    assert_eq!(rig.transport.queue(0).unwrap().size(), MAX_QUEUE_SIZE);
+    assert!(!rig.transport.queue(0).unwrap().ready());
+    assert_eq!(rig.transport.metrics().bad_queue_write, 2);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_queue_num_ignored_after_driver_ok() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    for (reg, value) in [
+        (VIRTIO_MMIO_QUEUE_NUM, 256),
+        (VIRTIO_MMIO_QUEUE_DESC_LOW, 0x40_0000),
+        (VIRTIO_MMIO_QUEUE_USED_HIGH, 1),
+        (VIRTIO_MMIO_QUEUE_READY, 0),
+    ] {
+        rig.w(reg, value);
+    }
+    let queue = rig.transport.queue(0).unwrap();
+    assert_eq!((queue.size(), queue.desc_table(), queue.ready()), (SIZE, RINGS, true));
+    assert_eq!(rig.transport.metrics().bad_queue_write, 4);
+}
+
+#[test]
+fn mmio_queue_registers_ignored_while_queue_ready() {
+    let mut rig = Rig::new();
+    let frames = rig.frames.clone();
+    let driver = MockDriver::new(&frames, SIZE, RINGS);
+    rig.negotiate();
+    rig.setup_queue(&driver);
+    rig.w(VIRTIO_MMIO_QUEUE_NUM, 16);
+    assert_eq!(rig.transport.queue(0).unwrap().size(), SIZE);
+    // QueueReady=0 is allowed, and then the size may change.
+    rig.w(VIRTIO_MMIO_QUEUE_READY, 0);
+    rig.w(VIRTIO_MMIO_QUEUE_NUM, 16);
+    assert_eq!(rig.transport.queue(0).unwrap().size(), 16);
+}
+
+#[test]
+fn mmio_invalid_queue_sizes_and_selectors_are_ignored() {
+    let mut rig = Rig::new();
+    rig.negotiate();
+    for size in [0, 3, 512, 0x1_0000 + 8] {
+        rig.w(VIRTIO_MMIO_QUEUE_NUM, size);
+    }
+    assert_eq!(rig.transport.queue(0).unwrap().size(), MAX_QUEUE_SIZE);
+    assert_eq!(rig.transport.metrics().bad_queue_size, 4);
+    rig.w(VIRTIO_MMIO_QUEUE_SEL, 5);
+    assert_eq!(rig.r(VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+    rig.w(VIRTIO_MMIO_QUEUE_NUM, 8);
+    assert_eq!(rig.transport.metrics().bad_queue_write, 1);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_illegal_status_transitions_are_ignored() {
+    let mut rig = Rig::new();
+    // Skipping ACKNOWLEDGE, DRIVER_OK first, setting NEEDS_RESET itself.
+    for bad in [VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, 0b1111, VIRTIO_CONFIG_S_NEEDS_RESET] {
+        rig.w(VIRTIO_MMIO_STATUS, bad);
+        assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0);
+    }
+    rig.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+    assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0, "two steps at once");
+    rig.negotiate();
+    // Clearing a bit.
+    rig.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0b1011);
+    assert_eq!(rig.transport.metrics().bad_status, 6);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_features_ok_requires_version_1_and_freezes_features() {
+    let mut rig = Rig::new();
+    rig.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    rig.w(VIRTIO_MMIO_STATUS, 0b11);
+    rig.w(VIRTIO_MMIO_DRIVER_FEATURES, 1 << 30); // not offered
+    assert_eq!(rig.transport.metrics().bad_features, 1);
+    rig.w(VIRTIO_MMIO_STATUS, 0b1011);
+    assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0b11, "no VERSION_1: FEATURES_OK stays clear");
+    assert_eq!(rig.transport.metrics().features_refused, 1);
+    rig.negotiate();
+    rig.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    rig.w(VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_RING_F_EVENT_IDX);
+    assert_eq!(rig.transport.metrics().bad_features, 2, "after FEATURES_OK");
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_reset_while_in_flight_then_works_again() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    let frames = rig.frames.clone();
+    let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+    driver.set_avail_idx(1); // continue from the first request
+    driver.add_chain(&[(DATA, 16, false)]);
+    let generation = rig.r(VIRTIO_MMIO_CONFIG_GENERATION);
+    rig.w(VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0);
+    assert!(!rig.transport.queue(0).unwrap().ready());
+    assert_eq!(rig.r(VIRTIO_MMIO_CONFIG_GENERATION), generation + 1);
+    let before = rig.processed.load(Ordering::SeqCst);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(rig.processed.load(Ordering::SeqCst), before, "a reset device touches no queue");
+    // Fresh rings elsewhere.
+    rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_notify_out_of_range_or_before_driver_ok_touches_nothing() {
+    let mut rig = Rig::new();
+    let frames = rig.frames.clone();
+    let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+    rig.negotiate();
+    rig.setup_queue(&driver);
+    driver.add_chain(&[(DATA, 16, false)]);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0); // before DRIVER_OK
+    rig.driver_ok();
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 1); // no such queue
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, u32::MAX);
+    assert_eq!(rig.processed.load(Ordering::SeqCst), 0);
+    assert_eq!(driver.used_idx(), 0);
+    assert_eq!(rig.transport.metrics().bad_notify, 3);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(driver.used_idx(), 1);
+}
+
+#[test]
+fn mmio_notify_on_queue_not_ready_touches_nothing() {
+    let mut rig = Rig::new();
+    rig.negotiate();
+    rig.driver_ok();
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(rig.processed.load(Ordering::SeqCst), 0);
+    assert_eq!(rig.transport.metrics().bad_notify, 1);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_odd_widths_and_misaligned_accesses_are_ignored() {
+    let mut rig = Rig::new();
+    rig.negotiate();
+    let status = rig.r(VIRTIO_MMIO_STATUS);
+    rig.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[0]); // 1 byte: would reset
+    rig.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[0, 0]);
+    rig.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[0; 8]);
+    rig.transport.write(u64::from(VIRTIO_MMIO_STATUS) + 1, &[0; 4]);
+    assert_eq!(rig.r(VIRTIO_MMIO_STATUS), status);
+    let mut two = [0xffu8; 2];
+    rig.transport.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut two);
+    assert_eq!(two, [0, 0]);
+    let mut eight = [0xffu8; 8];
+    rig.transport.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut eight);
+    assert_eq!(eight, [0; 8]);
+    assert_eq!(rig.transport.metrics().bad_access, 6);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_bad_ring_at_driver_ok_sets_needs_reset_with_config_interrupt() {
+    let mut rig = Rig::new();
+    rig.negotiate();
+    rig.w(VIRTIO_MMIO_QUEUE_NUM, u32::from(SIZE));
+    rig.w(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x100); // far outside RAM
+    rig.w(VIRTIO_MMIO_QUEUE_READY, 1);
+    rig.driver_ok();
+    assert_ne!(rig.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(rig.r(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+    assert_eq!(rig.irq.0.load(Ordering::SeqCst), 1);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(rig.processed.load(Ordering::SeqCst), 0);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_fatal_queue_error_sets_needs_reset() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    *rig.fail.lock().unwrap() = true;
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_ne!(rig.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_ne!(rig.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
+    let processed = rig.processed.load(Ordering::SeqCst);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(rig.processed.load(Ordering::SeqCst), processed, "no work while NEEDS_RESET");
+    assert_eq!(rig.transport.metrics().needs_reset, 1);
+    *rig.fail.lock().unwrap() = false;
+    rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+}
