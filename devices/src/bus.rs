@@ -56,9 +56,21 @@ impl MmioBus {
     }
 
     /// Maps `device` at `[base, base + len)`.
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
-        if self.entries.iter().any(|e| base < e.base + e.len && e.base < end) {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
+        if self
+            .entries
+            .iter()
+            .any(|e| base < e.base + e.len && e.base < end)
+        {
             return Err(BusError::Overlap(base));
         }
         let at = self.entries.partition_point(|e| e.base < base);
@@ -79,7 +91,11 @@ impl MmioBus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((entry, offset)) => {
-                entry.device.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                entry
+                    .device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(offset, data);
                 true
             }
             None => false,
@@ -90,7 +106,11 @@ impl MmioBus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((entry, offset)) => {
-                entry.device.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+                entry
+                    .device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -148,10 +168,22 @@ mod tests {
         let mut bus = MmioBus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default())) as Arc<Mutex<dyn BusDevice>>;
         bus.insert(0x1000, 0x1000, dev()).unwrap();
-        assert_eq!(bus.insert(0x1800, 0x1000, dev()), Err(BusError::Overlap(0x1800)));
-        assert_eq!(bus.insert(0x800, 0x1000, dev()), Err(BusError::Overlap(0x800)));
-        assert!(matches!(bus.insert(0x3000, 0, dev()), Err(BusError::InvalidRange { .. })));
-        assert!(matches!(bus.insert(u64::MAX, 2, dev()), Err(BusError::InvalidRange { .. })));
+        assert_eq!(
+            bus.insert(0x1800, 0x1000, dev()),
+            Err(BusError::Overlap(0x1800))
+        );
+        assert_eq!(
+            bus.insert(0x800, 0x1000, dev()),
+            Err(BusError::Overlap(0x800))
+        );
+        assert!(matches!(
+            bus.insert(0x3000, 0, dev()),
+            Err(BusError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(u64::MAX, 2, dev()),
+            Err(BusError::InvalidRange { .. })
+        ));
         bus.insert(0x2000, 0x1000, dev()).unwrap();
     }
 

@@ -8,4 +8,5 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod disk;
 pub mod virtio;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::virtio::DiskConfig;
 use crate::x86::cpuid::CpuTemplate;
 use crate::x86::mptable::MAX_CPUS;
 
@@ -44,6 +45,11 @@ pub struct Cli {
     /// CMPXCHG16B, PMU, TSX, ...), `passthrough` exposes what KVM supports.
     #[arg(long, value_name = "NAME", default_value = "minimal")]
     pub cpu_template: CpuTemplate,
+
+    /// A virtio-blk disk: an image file, optionally `,ro` and `,id=SERIAL`
+    /// (at most 20 bytes). Repeat for more disks.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
 
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
@@ -89,6 +95,35 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Parses `PATH[,ro][,id=SERIAL]` (a path cannot contain commas).
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("the disk path is empty")?;
+    let mut disk = DiskConfig {
+        path: path.into(),
+        read_only: false,
+        serial: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => disk.read_only = true,
+            Some(("id", id)) if !id.is_empty() && id.len() <= 20 && id.is_ascii() => {
+                disk.serial = Some(id.to_owned())
+            }
+            Some(("id", _)) => return Err("a disk id is 1 to 20 ASCII characters".to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown disk option `{option}` (expected ro or id=SERIAL)"
+                ));
+            }
+        }
+    }
+    Ok(disk)
+}
+
 /// Parses a log level name (case-insensitive).
 pub fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -98,6 +133,32 @@ pub fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_disk_accepts_path_ro_and_id() {
+        let d = parse_disk("/tmp/a.img,ro,id=disk0").unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.read_only, d.serial.as_deref()),
+            (Some("/tmp/a.img"), true, Some("disk0"))
+        );
+        let d = parse_disk("b.img").unwrap();
+        assert_eq!((d.read_only, d.serial), (false, None));
+    }
+
+    #[test]
+    fn parse_disk_rejects_bad_options() {
+        for bad in [
+            "",
+            ",ro",
+            "a.img,rw",
+            "a.img,id=",
+            "a.img,id=123456789012345678901",
+            "a.img,id=é",
+            "a.img,,ro",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn parse_mem_accepts_suffixes() {

@@ -10,5 +10,6 @@ pub mod logger;
 pub mod pio;
 pub mod run;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod x86;

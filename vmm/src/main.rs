@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         mem: cli.mem,
         cpus: cli.cpus,
         template: cli.cpu_template,
+        disks: cli.disks.clone(),
     };
     match run::run(&config) {
         Ok(exit) => {

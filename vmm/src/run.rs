@@ -19,9 +19,11 @@ use vmm_sys_util::terminal::Terminal;
 use crate::boot::{self, BootConfig};
 use crate::exit::{ExitLatch, VmExit};
 use crate::pio::{COM1_IRQ, ConsoleSerial, IrqTrigger, PioBus};
-use crate::vcpu::{self, VcpuThread};
+use crate::vcpu::{self, Buses, VcpuThread};
+use crate::virtio::{self, DiskConfig, QueueNotifier};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
+use devices::bus::MmioBus;
 
 /// What to boot and with what.
 #[derive(Clone, Debug)]
@@ -38,6 +40,8 @@ pub struct VmConfig {
     pub cpus: u8,
     /// CPU template.
     pub template: CpuTemplate,
+    /// virtio-blk disks, in order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Errors building or running the VM.
@@ -60,6 +64,9 @@ pub enum Error {
     /// KVM setup failed.
     #[error(transparent)]
     Vm(#[from] vm::Error),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
     /// A host resource (eventfd, thread, signal handler, epoll) failed.
     #[error("Cannot set up {0}")]
     Host(&'static str, #[source] io::Error),
@@ -74,18 +81,30 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
             host,
         });
     }
-    let frames = GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?;
+    let frames = Arc::new(GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?);
+    // Devices first: a bad disk is reported before anything else is built.
+    let devices = virtio::open_disks(&config.disks)?;
+    let cmdline = format!(
+        "{}{}",
+        config.cmdline,
+        virtio::cmdline_entries(devices.len())
+    );
     let boot_config = BootConfig {
         kernel: &config.kernel,
         initrd: config.initrd.as_deref(),
-        cmdline: &config.cmdline,
+        cmdline: &cmdline,
         cpus: config.cpus,
     };
     let boot = boot::load(&frames, &boot_config)?;
     let vm = Vm::new(&frames)?;
     let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
     let serial = attach_serial(&vm)?;
-    let bus = Arc::new(PioBus::new(serial.clone(), exit.clone()));
+    let mut mmio = MmioBus::new();
+    let notifiers = virtio::attach(&vm, &frames, &mut mmio, devices)?;
+    let buses = Arc::new(Buses {
+        pio: PioBus::new(serial.clone(), exit.clone()),
+        mmio,
+    });
     let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
 
     vcpu::install_kick_handler().map_err(|e| Error::Host("the vCPU kick signal", e))?;
@@ -95,7 +114,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let mut threads = Vec::with_capacity(vcpus.len());
     let mut spawn_error = None;
     for (index, fd) in vcpus.into_iter().enumerate() {
-        match VcpuThread::spawn(fd, index as u8, bus.clone(), exit.clone()) {
+        match VcpuThread::spawn(fd, index as u8, buses.clone(), exit.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 spawn_error = Some(Error::Host("a vCPU thread", e));
@@ -104,16 +123,15 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         }
     }
     let loop_result = match spawn_error {
-        None => event_loop(&exit, serial),
+        None => event_loop(&exit, serial, notifiers),
         Some(e) => Err(e),
     };
     // Every path stops and joins every vCPU before returning.
     exit.stop(VmExit::Signal(0));
     threads.into_iter().for_each(VcpuThread::join);
     loop_result?;
-    let reason = exit.reason().expect("stop recorded a reason");
-    drop(frames);
-    Ok(reason)
+    // Locals drop in reverse order: devices and the VM before guest RAM.
+    Ok(exit.reason().expect("stop recorded a reason"))
 }
 
 /// Physical memory of the host in bytes (u64::MAX if unknown).
@@ -142,13 +160,20 @@ fn attach_serial(vm: &Vm) -> Result<Arc<Mutex<ConsoleSerial>>, Error> {
 }
 
 /// Runs the event loop on this thread until the VM stops.
-fn event_loop(exit: &Arc<ExitLatch>, serial: Arc<Mutex<ConsoleSerial>>) -> Result<(), Error> {
+fn event_loop(
+    exit: &Arc<ExitLatch>,
+    serial: Arc<Mutex<ConsoleSerial>>,
+    notifiers: Vec<QueueNotifier>,
+) -> Result<(), Error> {
     let host =
         |e: event_manager::Error| Error::Host("the event loop", io::Error::other(e.to_string()));
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(host)?;
     manager.add_subscriber(Arc::new(Mutex::new(Console { serial, dropped: 0 })));
     manager.add_subscriber(Arc::new(Mutex::new(StopWatcher(exit.clone()))));
+    for notifier in notifiers {
+        manager.add_subscriber(Arc::new(Mutex::new(notifier)));
+    }
     while !exit.is_stopping() {
         manager.run_with_timeout(100).map_err(host)?;
         let signal = SIGNAL.load(Ordering::Acquire);

@@ -13,8 +13,19 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, register_signal_handler};
 
+use devices::bus::MmioBus;
+
 use crate::exit::{ExitLatch, VmExit};
 use crate::pio::PioBus;
+
+/// What a vCPU's I/O exits reach.
+#[derive(Debug)]
+pub struct Buses {
+    /// Port I/O devices.
+    pub pio: PioBus,
+    /// MMIO devices (virtio-mmio transports).
+    pub mmio: MmioBus,
+}
 
 /// What the vCPU loop does after an exit.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,22 +37,28 @@ pub enum Action {
 }
 
 /// Handles one exit (everything but KVM_EXIT_INTERNAL_ERROR, which needs the
-/// vCPU's registers). MMIO has no devices yet: reads return all ones, writes are
-/// ignored, each address logged once.
+/// vCPU's registers). MMIO outside every device reads all ones and ignores writes, each address
+/// logged once.
 pub fn handle_exit(
     exit: VcpuExit<'_>,
-    bus: &PioBus,
+    buses: &Buses,
     vcpu: u8,
     unknown: &Mutex<HashSet<u64>>,
 ) -> Action {
     match exit {
-        VcpuExit::IoIn(port, data) => bus.read(port, data),
-        VcpuExit::IoOut(port, data) => bus.write(port, data),
+        VcpuExit::IoIn(port, data) => buses.pio.read(port, data),
+        VcpuExit::IoOut(port, data) => buses.pio.write(port, data),
         VcpuExit::MmioRead(addr, data) => {
-            log_once(unknown, addr, "MMIO read");
-            data.fill(0xff);
+            if !buses.mmio.read(addr, data) {
+                log_once(unknown, addr, "MMIO read");
+                data.fill(0xff);
+            }
         }
-        VcpuExit::MmioWrite(addr, _) => log_once(unknown, addr, "MMIO write"),
+        VcpuExit::MmioWrite(addr, data) => {
+            if !buses.mmio.write(addr, data) {
+                log_once(unknown, addr, "MMIO write");
+            }
+        }
         VcpuExit::Shutdown => return Action::Stop(VmExit::TripleFault { vcpu }),
         VcpuExit::FailEntry(reason, _) => return Action::Stop(VmExit::FailEntry { vcpu, reason }),
         VcpuExit::SystemEvent(..) => return Action::Stop(VmExit::Reset),
@@ -87,12 +104,12 @@ impl VcpuThread {
     pub fn spawn(
         vcpu: VcpuFd,
         index: u8,
-        bus: Arc<PioBus>,
+        buses: Arc<Buses>,
         exit: Arc<ExitLatch>,
     ) -> std::io::Result<Self> {
         let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run_loop(vcpu, index, &bus, &exit))?;
+            .spawn(move || run_loop(vcpu, index, &buses, &exit))?;
         Ok(VcpuThread { handle })
     }
 
@@ -110,12 +127,12 @@ impl VcpuThread {
     }
 }
 
-fn run_loop(mut vcpu: VcpuFd, index: u8, bus: &PioBus, exit: &ExitLatch) {
+fn run_loop(mut vcpu: VcpuFd, index: u8, buses: &Buses, exit: &ExitLatch) {
     let unknown = Mutex::new(HashSet::new());
     while !exit.is_stopping() {
         let action = match vcpu.run() {
             Ok(VcpuExit::InternalError) => None,
-            Ok(e) => Some(handle_exit(e, bus, index, &unknown)),
+            Ok(e) => Some(handle_exit(e, buses, index, &unknown)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Some(Action::Continue)
             }

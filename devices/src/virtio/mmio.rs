@@ -28,12 +28,15 @@ use std::sync::Arc;
 use log::warn;
 use memory::GuestFrames;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_bindings::virtio_mmio::*;
 
-use super::{Interrupt, Queue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice};
+use super::{
+    Interrupt, Queue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice,
+};
 use crate::bus::BusDevice;
 
 /// Bytes of one virtio-mmio device window.
@@ -92,8 +95,16 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`, with one queue per entry of its `queue_max_sizes`.
-    pub fn new(device: Box<dyn VirtioDevice>, frames: Arc<GuestFrames>, interrupt: Arc<dyn Interrupt>) -> Self {
-        let queues = device.queue_max_sizes().iter().map(|&max| Queue::new(max)).collect();
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        frames: Arc<GuestFrames>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max))
+            .collect();
         MmioTransport {
             device,
             frames,
@@ -141,7 +152,8 @@ impl MmioTransport {
     /// device is live and the queue active, and interrupts the driver if the
     /// queue asks for it.
     pub fn process_queue(&mut self, index: usize) {
-        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
         let Some(queue) = self.queues.get_mut(index).filter(|q| live && q.is_active()) else {
             self.metrics.bad_notify += 1;
             return;
@@ -150,13 +162,22 @@ impl MmioTransport {
         let result = self
             .device
             .process_queue(index, queue, &self.frames)
-            .and_then(|used| if used { queue.needs_notification(&self.frames) } else { Ok(false) });
+            .and_then(|used| {
+                if used {
+                    queue.needs_notification(&self.frames)
+                } else {
+                    Ok(false)
+                }
+            });
         match result {
             Ok(true) => self.raise(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
             Err(e) if e.is_fatal() => {
                 if !self.logged_fatal {
-                    warn!("virtio device {}: queue {index}: {e}; the device needs a reset", self.device.device_type());
+                    warn!(
+                        "virtio device {}: queue {index}: {e}; the device needs a reset",
+                        self.device.device_type()
+                    );
                     self.logged_fatal = true;
                 }
                 self.needs_reset();
@@ -215,7 +236,9 @@ impl MmioTransport {
         // Exactly the next step (or nothing but FAILED).
         let next = steps.iter().copied().find(|s| old_no_failed & s == 0);
         let allowed = new_bits == 0 || (Some(new_bits) == next);
-        if !allowed || (value & VIRTIO_CONFIG_S_NEEDS_RESET != 0 && old & VIRTIO_CONFIG_S_NEEDS_RESET == 0) {
+        if !allowed
+            || (value & VIRTIO_CONFIG_S_NEEDS_RESET != 0 && old & VIRTIO_CONFIG_S_NEEDS_RESET == 0)
+        {
             self.metrics.bad_status += 1;
             return;
         }
@@ -237,10 +260,17 @@ impl MmioTransport {
             VIRTIO_CONFIG_S_DRIVER_OK => {
                 self.status = value;
                 let frames = &self.frames;
-                let failed = self.queues.iter_mut().filter(|q| q.ready()).any(|q| q.activate(frames).is_err());
+                let failed = self
+                    .queues
+                    .iter_mut()
+                    .filter(|q| q.ready())
+                    .any(|q| q.activate(frames).is_err());
                 if failed {
                     if !self.logged_fatal {
-                        warn!("virtio device {}: a queue is set up outside guest RAM", self.device.device_type());
+                        warn!(
+                            "virtio device {}: a queue is set up outside guest RAM",
+                            self.device.device_type()
+                        );
                         self.logged_fatal = true;
                     }
                     self.needs_reset();
@@ -276,7 +306,9 @@ impl MmioTransport {
         }
         match offset {
             VIRTIO_MMIO_QUEUE_NUM => {
-                let ok = u16::try_from(value).ok().is_some_and(|size| queue.try_set_size(size).is_ok());
+                let ok = u16::try_from(value)
+                    .ok()
+                    .is_some_and(|size| queue.try_set_size(size).is_ok());
                 if !ok {
                     self.metrics.bad_queue_size += 1;
                 }
@@ -341,7 +373,9 @@ impl MmioTransport {
     }
 
     fn write_driver_features(&mut self, value: u32) {
-        if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 || self.status & VIRTIO_CONFIG_S_DRIVER == 0 {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            || self.status & VIRTIO_CONFIG_S_DRIVER == 0
+        {
             self.metrics.bad_features += 1;
             return;
         }
@@ -365,10 +399,11 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            self.device
+                .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.metrics.bad_access += 1;
             data.fill(0);
             return;
@@ -379,14 +414,15 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            self.device.write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            self.device
+                .write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             self.metrics.bad_access += 1;
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.metrics.bad_access += 1;
             return;
         }

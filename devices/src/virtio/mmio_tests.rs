@@ -46,7 +46,12 @@ impl VirtioDevice for FakeDevice {
         }
     }
     fn write_config(&mut self, _: u64, _: &[u8]) {}
-    fn process_queue(&mut self, _: usize, queue: &mut Queue, frames: &GuestFrames) -> Result<bool, QueueError> {
+    fn process_queue(
+        &mut self,
+        _: usize,
+        queue: &mut Queue,
+        frames: &GuestFrames,
+    ) -> Result<bool, QueueError> {
         self.processed.fetch_add(1, Ordering::SeqCst);
         if *self.fail.lock().unwrap() {
             return Err(QueueError::HeadIndex(999));
@@ -87,7 +92,13 @@ impl Rig {
         let (processed, fail) = (device.processed.clone(), device.fail.clone());
         let irq = Arc::new(CountingInterrupt::default());
         let transport = MmioTransport::new(Box::new(device), frames.clone(), irq.clone());
-        Rig { frames, transport, irq, processed, fail }
+        Rig {
+            frames,
+            transport,
+            irq,
+            processed,
+            fail,
+        }
     }
 
     fn r(&mut self, offset: u32) -> u32 {
@@ -97,14 +108,18 @@ impl Rig {
     }
 
     fn w(&mut self, offset: u32, value: u32) {
-        self.transport.write(u64::from(offset), &value.to_le_bytes());
+        self.transport
+            .write(u64::from(offset), &value.to_le_bytes());
     }
 
     /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
     fn negotiate(&mut self) {
         self.w(VIRTIO_MMIO_STATUS, 0);
         self.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        self.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        self.w(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
         self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         self.w(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1 (bit 32)
         self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
@@ -117,9 +132,21 @@ impl Rig {
         self.w(VIRTIO_MMIO_QUEUE_SEL, 0);
         self.w(VIRTIO_MMIO_QUEUE_NUM, u32::from(driver.size()));
         for (lo, hi, addr) in [
-            (VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, driver.desc_table()),
-            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, driver.avail_ring()),
-            (VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_QUEUE_USED_HIGH, driver.used_ring()),
+            (
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH,
+                driver.desc_table(),
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+                driver.avail_ring(),
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_USED_LOW,
+                VIRTIO_MMIO_QUEUE_USED_HIGH,
+                driver.used_ring(),
+            ),
         ] {
             self.w(lo, addr.0 as u32);
             self.w(hi, (addr.0 >> 32) as u32);
@@ -145,7 +172,10 @@ impl Rig {
         assert_eq!(driver.used_idx(), 1);
         assert_eq!(driver.used_elem(0), (u32::from(head), 1));
         assert_eq!(self.irq.0.load(Ordering::SeqCst), irqs + 1);
-        assert_eq!(self.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(
+            self.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+            VIRTIO_MMIO_INT_VRING
+        );
         self.w(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
         assert_eq!(self.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
@@ -161,7 +191,10 @@ fn mmio_identifies_itself_and_serves_a_request() {
     rig.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
     assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_FEATURES), 1);
     rig.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-    assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_FEATURES), (1 << VIRTIO_RING_F_EVENT_IDX) | 1);
+    assert_eq!(
+        rig.r(VIRTIO_MMIO_DEVICE_FEATURES),
+        (1 << VIRTIO_RING_F_EVENT_IDX) | 1
+    );
     rig.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7);
     assert_eq!(rig.r(VIRTIO_MMIO_DEVICE_FEATURES), 0);
     assert_eq!(rig.r(VIRTIO_MMIO_QUEUE_NUM_MAX), u32::from(MAX_QUEUE_SIZE));
@@ -206,7 +239,10 @@ fn mmio_queue_num_ignored_after_driver_ok() {
         rig.w(reg, value);
     }
     let queue = rig.transport.queue(0).unwrap();
-    assert_eq!((queue.size(), queue.desc_table(), queue.ready()), (SIZE, RINGS, true));
+    assert_eq!(
+        (queue.size(), queue.desc_table(), queue.ready()),
+        (SIZE, RINGS, true)
+    );
     assert_eq!(rig.transport.metrics().bad_queue_write, 4);
 }
 
@@ -245,11 +281,19 @@ fn mmio_invalid_queue_sizes_and_selectors_are_ignored() {
 fn mmio_illegal_status_transitions_are_ignored() {
     let mut rig = Rig::new();
     // Skipping ACKNOWLEDGE, DRIVER_OK first, setting NEEDS_RESET itself.
-    for bad in [VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, 0b1111, VIRTIO_CONFIG_S_NEEDS_RESET] {
+    for bad in [
+        VIRTIO_CONFIG_S_DRIVER,
+        VIRTIO_CONFIG_S_DRIVER_OK,
+        0b1111,
+        VIRTIO_CONFIG_S_NEEDS_RESET,
+    ] {
         rig.w(VIRTIO_MMIO_STATUS, bad);
         assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0);
     }
-    rig.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+    rig.w(
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+    );
     assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0, "two steps at once");
     rig.negotiate();
     // Clearing a bit.
@@ -267,7 +311,11 @@ fn mmio_features_ok_requires_version_1_and_freezes_features() {
     rig.w(VIRTIO_MMIO_DRIVER_FEATURES, 1 << 30); // not offered
     assert_eq!(rig.transport.metrics().bad_features, 1);
     rig.w(VIRTIO_MMIO_STATUS, 0b1011);
-    assert_eq!(rig.r(VIRTIO_MMIO_STATUS), 0b11, "no VERSION_1: FEATURES_OK stays clear");
+    assert_eq!(
+        rig.r(VIRTIO_MMIO_STATUS),
+        0b11,
+        "no VERSION_1: FEATURES_OK stays clear"
+    );
     assert_eq!(rig.transport.metrics().features_refused, 1);
     rig.negotiate();
     rig.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
@@ -291,7 +339,11 @@ fn mmio_reset_while_in_flight_then_works_again() {
     assert_eq!(rig.r(VIRTIO_MMIO_CONFIG_GENERATION), generation + 1);
     let before = rig.processed.load(Ordering::SeqCst);
     rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-    assert_eq!(rig.processed.load(Ordering::SeqCst), before, "a reset device touches no queue");
+    assert_eq!(
+        rig.processed.load(Ordering::SeqCst),
+        before,
+        "a reset device touches no queue"
+    );
     // Fresh rings elsewhere.
     rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
     rig.assert_serves();
@@ -335,13 +387,16 @@ fn mmio_odd_widths_and_misaligned_accesses_are_ignored() {
     rig.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[0]); // 1 byte: would reset
     rig.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[0, 0]);
     rig.transport.write(u64::from(VIRTIO_MMIO_STATUS), &[0; 8]);
-    rig.transport.write(u64::from(VIRTIO_MMIO_STATUS) + 1, &[0; 4]);
+    rig.transport
+        .write(u64::from(VIRTIO_MMIO_STATUS) + 1, &[0; 4]);
     assert_eq!(rig.r(VIRTIO_MMIO_STATUS), status);
     let mut two = [0xffu8; 2];
-    rig.transport.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut two);
+    rig.transport
+        .read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut two);
     assert_eq!(two, [0, 0]);
     let mut eight = [0xffu8; 8];
-    rig.transport.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut eight);
+    rig.transport
+        .read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut eight);
     assert_eq!(eight, [0; 8]);
     assert_eq!(rig.transport.metrics().bad_access, 6);
     rig.assert_serves();
@@ -370,10 +425,17 @@ fn mmio_fatal_queue_error_sets_needs_reset() {
     *rig.fail.lock().unwrap() = true;
     rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     assert_ne!(rig.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-    assert_ne!(rig.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
+    assert_ne!(
+        rig.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG,
+        0
+    );
     let processed = rig.processed.load(Ordering::SeqCst);
     rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-    assert_eq!(rig.processed.load(Ordering::SeqCst), processed, "no work while NEEDS_RESET");
+    assert_eq!(
+        rig.processed.load(Ordering::SeqCst),
+        processed,
+        "no work while NEEDS_RESET"
+    );
     assert_eq!(rig.transport.metrics().needs_reset, 1);
     *rig.fail.lock().unwrap() = false;
     rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();

@@ -8,9 +8,10 @@
 //! [`process_queue`](VirtioDevice::process_queue) when the driver notifies a
 //! queue (from the event loop, through an ioeventfd in the VMM).
 
+pub mod block;
+pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
-pub mod mmio;
 pub mod queue;
 
 use std::fmt;
