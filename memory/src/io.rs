@@ -72,13 +72,19 @@ impl GuestFrames {
         dir: Direction,
     ) -> io::Result<usize> {
         let mem = self.memory();
-        // Validate every segment before any I/O: all or nothing.
-        for &(addr, len) in segments {
-            if len > 0 && mem.get_slice(addr, len).is_err() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{len} bytes at {:#x} are not mapped guest RAM", addr.0),
-                ));
+        let invalid = |addr: GuestAddress, len: usize| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {:#x} are not mapped guest RAM", addr.0),
+            )
+        };
+        // All or nothing: every segment is valid before any I/O. The first
+        // batch is checked as its iovecs are built; longer lists up front.
+        if segments.len() > IOV_BATCH {
+            for &(addr, len) in segments {
+                if len > 0 && mem.get_slice(addr, len).is_err() {
+                    return Err(invalid(addr, len));
+                }
             }
         }
         let mut total = 0usize;
@@ -99,7 +105,7 @@ impl GuestFrames {
                 if len > start {
                     let slice = mem
                         .get_slice(GuestAddress(addr.0 + start as u64), len - start)
-                        .map_err(io::Error::other)?;
+                        .map_err(|_| invalid(addr, len))?;
                     let guard = slice.ptr_guard_mut();
                     iovs[count] = libc::iovec {
                         iov_base: guard.as_ptr().cast(),

@@ -42,6 +42,8 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryError};
 pub const MAX_QUEUE_SIZE: u16 = 256;
 /// Bytes per descriptor.
 const DESC_SIZE: u64 = 16;
+/// Emptied buffer lists kept for reuse.
+const SPARE_LISTS: usize = 32;
 /// Words in the in-flight bitmap.
 const IN_FLIGHT_WORDS: usize = MAX_QUEUE_SIZE as usize / 64;
 
@@ -445,6 +447,8 @@ pub struct Queue {
     signalled_used: Option<Wrapping<u16>>,
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
+    /// Buffer lists of completed chains, reused so a request allocates nothing.
+    spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>)>,
     active: bool,
 }
 
@@ -472,6 +476,7 @@ impl Queue {
             signalled_used: None,
             in_flight: InFlight::default(),
             ring_pins: Vec::new(),
+            spare: Vec::new(),
             active: false,
         }
     }
@@ -657,7 +662,17 @@ impl Queue {
         }
         let len = len.min(u32::try_from(chain.writable_len()).unwrap_or(u32::MAX));
         self.push_used(frames, head, len)?;
-        drop(chain);
+        // Unpin, and keep the emptied lists for the next chains.
+        let DescriptorChain {
+            mut readable,
+            mut writable,
+            ..
+        } = chain;
+        readable.clear();
+        writable.clear();
+        if self.spare.len() < SPARE_LISTS {
+            self.spare.push((readable, writable));
+        }
         Ok(())
     }
 
@@ -742,11 +757,12 @@ impl Queue {
     }
 
     /// Walks the chain at `head` within the descriptor budget.
-    fn walk(&self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
+    fn walk(&mut self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
+        let (readable, writable) = self.spare.pop().unwrap_or_default();
         let mut chain = DescriptorChain {
             head,
-            readable: Vec::new(),
-            writable: Vec::new(),
+            readable,
+            writable,
         };
         let mut table = self.desc_table;
         let mut table_len = self.size;
