@@ -6,12 +6,18 @@
 //!   other widths read 0 and are ignored (counted);
 //! - the status only advances ACKNOWLEDGE → DRIVER → FEATURES_OK → DRIVER_OK
 //!   (FAILED any time, 0 resets); a write that clears bits or skips a step is
-//!   ignored (counted). FEATURES_OK is refused without VIRTIO_F_VERSION_1;
-//! - feature words are writable only before FEATURES_OK; bits the device did
-//!   not offer are dropped (counted);
+//!   ignored (counted). FEATURES_OK is refused without VIRTIO_F_VERSION_1.
+//!   DEVICE_NEEDS_RESET belongs to the device: the driver may not set it, and
+//!   once set a write must keep it (it is cleared only by a reset). Once the
+//!   driver sets FAILED it has given up (§3.1.1): no further step is accepted
+//!   and no queue is processed until it resets the device;
+//! - feature words are writable only after DRIVER and before FEATURES_OK; bits
+//!   the device did not offer are dropped (counted);
 //! - queue registers are writable only between FEATURES_OK and DRIVER_OK and,
 //!   but for QueueReady=0, only while the queue is not ready: a queue's size or
-//!   rings never change under an active queue (ADVERSARIAL.md §9);
+//!   rings never change under an active queue (ADVERSARIAL.md §9). QueueReady
+//!   takes 0 or 1 only; QueueNum keeps its old value when the new one is
+//!   invalid;
 //! - at DRIVER_OK every ready queue is validated ([`Queue::activate`]); a bad
 //!   queue, or a fatal queue error later, sets DEVICE_NEEDS_RESET and raises a
 //!   configuration-change interrupt (§2.1.2);
@@ -20,9 +26,20 @@
 //!
 //! Notifications normally arrive through an ioeventfd on QueueNotify (the VMM
 //! calls [`MmioTransport::process_queue`] from its event loop); a write that
-//! reaches the transport does the same. ConfigGeneration counts resets: the
-//! devices' configuration does not change at run time otherwise.
+//! reaches the transport does the same.
+//!
+//! Choices where the spec leaves room:
+//! - ConfigGeneration counts resets: the devices' configuration does not
+//!   change at run time otherwise;
+//! - there are no shared memory regions: SHMLen and SHMBase read all ones for
+//!   any SHMSel; QueueReset (VIRTIO_F_RING_RESET) is not offered, so its
+//!   register is unknown like the legacy ones (reads 0, counted);
+//! - write-only registers read 0 and read-only ones ignore writes (counted);
+//! - a queue or device error is logged once per transport (a guest that
+//!   breaks its queues in a loop must not flood the log); the counters keep
+//!   counting.
 
+use std::fmt;
 use std::sync::Arc;
 
 use log::warn;
@@ -41,29 +58,42 @@ use crate::bus::BusDevice;
 
 /// Bytes of one virtio-mmio device window.
 pub const MMIO_SIZE: u64 = 0x1000;
-/// "virt", little endian.
-const MAGIC: u32 = 0x7472_6976;
+/// MagicValue: "virt", little endian.
+const MAGIC: u32 = u32::from_le_bytes(*b"virt");
 /// Transport version 2 (virtio 1.x, no legacy).
 const VERSION: u32 = 2;
-/// Vendor ID: "MVMM".
-pub const VENDOR_ID: u32 = 0x4d4d_564d;
+/// VendorID: "MVMM" little endian (0x4d4d564d), minivmm's own; drivers match
+/// on the device ID, not on this.
+pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"MVMM");
+
+/// The initialization steps, in the order the driver must take them (§3.1.1).
+const STATUS_STEPS: [u32; 4] = [
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+];
 
 /// Counters of what the driver did wrong (or merely oddly).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TransportMetrics {
     /// Accesses of the wrong width or alignment, or to unknown registers.
     pub bad_access: u64,
-    /// Status writes that clear bits or skip a step.
+    /// Status writes that clear bits, skip a step, set DEVICE_NEEDS_RESET or
+    /// advance after FAILED.
     pub bad_status: u64,
-    /// Feature writes after FEATURES_OK, or bits that were not offered.
+    /// Feature writes outside DRIVER..FEATURES_OK, or bits that were not
+    /// offered.
     pub bad_features: u64,
     /// FEATURES_OK refused (no VIRTIO_F_VERSION_1).
     pub features_refused: u64,
-    /// Queue register writes outside the allowed window or for no queue.
+    /// Queue register writes outside the allowed window, for no queue, to a
+    /// ready queue, or QueueReady values other than 0 and 1.
     pub bad_queue_write: u64,
-    /// QueueNum values rejected.
+    /// QueueNum values rejected (0, not a power of two, above QueueNumMax).
     pub bad_queue_size: u64,
-    /// Notifications that could not be acted on.
+    /// Notifications that could not be acted on (no such queue, not live,
+    /// queue not active).
     pub bad_notify: u64,
     /// Times the device entered DEVICE_NEEDS_RESET.
     pub needs_reset: u64,
@@ -71,6 +101,9 @@ pub struct TransportMetrics {
     pub resets: u64,
     /// Queue notifications processed.
     pub notifies: u64,
+    /// Malformed chains the device reported (returned to the driver; not
+    /// fatal).
+    pub bad_chains: u64,
     /// Interrupts raised.
     pub interrupts: u64,
 }
@@ -149,42 +182,46 @@ impl MmioTransport {
     }
 
     /// Handles a notification of queue `index`: runs the device on it when the
-    /// device is live and the queue active, and interrupts the driver if the
-    /// queue asks for it.
+    /// device is live (DRIVER_OK, neither NEEDS_RESET nor FAILED) and the queue
+    /// active, and interrupts the driver if the queue asks for it. Otherwise
+    /// nothing touches the queue (counted).
     pub fn process_queue(&mut self, index: usize) {
         let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+            && self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) == 0;
         let Some(queue) = self.queues.get_mut(index).filter(|q| live && q.is_active()) else {
             self.metrics.bad_notify += 1;
             return;
         };
         self.metrics.notifies += 1;
-        let result = self
-            .device
-            .process_queue(index, queue, &self.frames)
-            .and_then(|used| {
-                if used {
-                    queue.needs_notification(&self.frames)
-                } else {
-                    Ok(false)
-                }
-            });
+        let result = match self.device.process_queue(index, queue, &self.frames) {
+            Ok(true) => queue.needs_notification(&self.frames),
+            Ok(false) => Ok(false),
+            // The device model handles non-fatal errors itself; one reaching
+            // here is a chain already returned to the driver with length 0.
+            Err(e) if !e.is_fatal() => {
+                self.metrics.bad_chains += 1;
+                queue.needs_notification(&self.frames)
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok(true) => self.raise(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
-            Err(e) if e.is_fatal() => {
-                if !self.logged_fatal {
-                    warn!(
-                        "virtio device {}: queue {index}: {e}; the device needs a reset",
-                        self.device.device_type()
-                    );
-                    self.logged_fatal = true;
-                }
+            Err(e) => {
+                self.log_once(format_args!("queue {index}: {e}; the device needs a reset"));
                 self.needs_reset();
             }
-            // The device model handles non-fatal errors; one reaching here has
-            // already been returned to the driver.
-            Err(_) => self.raise(VIRTIO_MMIO_INT_VRING),
+        }
+    }
+
+    /// Logs a guest-caused fault, once per transport.
+    fn log_once(&mut self, message: fmt::Arguments<'_>) {
+        if !self.logged_fatal {
+            self.logged_fatal = true;
+            warn!(
+                "virtio device {}: {message} (further faults are only counted)",
+                self.device.device_type()
+            );
         }
     }
 
@@ -213,73 +250,71 @@ impl MmioTransport {
         self.metrics.resets += 1;
     }
 
+    /// A Status write (§2.1, §3.1.1): 0 resets; otherwise the write must keep
+    /// every bit already set and add either FAILED or exactly the next step.
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
             return;
         }
         let old = self.status;
-        if value & old != old {
-            self.metrics.bad_status += 1; // clears bits
-            return;
-        }
-        // FAILED may be set at any time and ends the driver's use of the device.
-        let value_no_failed = value & !VIRTIO_CONFIG_S_FAILED;
-        let old_no_failed = old & !VIRTIO_CONFIG_S_FAILED;
-        let steps = [
-            VIRTIO_CONFIG_S_ACKNOWLEDGE,
-            VIRTIO_CONFIG_S_DRIVER,
-            VIRTIO_CONFIG_S_FEATURES_OK,
-            VIRTIO_CONFIG_S_DRIVER_OK,
-        ];
-        let new_bits = value_no_failed & !old_no_failed & !VIRTIO_CONFIG_S_NEEDS_RESET;
-        // Exactly the next step (or nothing but FAILED).
-        let next = steps.iter().copied().find(|s| old_no_failed & s == 0);
-        let allowed = new_bits == 0 || (Some(new_bits) == next);
-        if !allowed
-            || (value & VIRTIO_CONFIG_S_NEEDS_RESET != 0 && old & VIRTIO_CONFIG_S_NEEDS_RESET == 0)
-        {
+        let added = value & !old;
+        let next_step = STATUS_STEPS.iter().copied().find(|&s| old & s == 0);
+        let legal = value & old == old
+            && (added == 0
+                || added == VIRTIO_CONFIG_S_FAILED
+                || (old & VIRTIO_CONFIG_S_FAILED == 0 && Some(added) == next_step));
+        if !legal {
             self.metrics.bad_status += 1;
             return;
         }
-        match new_bits {
-            VIRTIO_CONFIG_S_FEATURES_OK => {
-                if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-                    self.metrics.features_refused += 1;
-                    self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
-                    return;
-                }
-                self.device.ack_features(self.acked_features);
-                let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-                let indirect = self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
-                for q in &mut self.queues {
-                    q.set_event_idx(event_idx);
-                    q.set_indirect(indirect);
-                }
+        match added {
+            // FEATURES_OK stays clear when refused; the driver reads it back.
+            VIRTIO_CONFIG_S_FEATURES_OK if !self.accept_features() => {
+                self.metrics.features_refused += 1;
+                return;
             }
             VIRTIO_CONFIG_S_DRIVER_OK => {
                 self.status = value;
-                let frames = &self.frames;
-                let failed = self
-                    .queues
-                    .iter_mut()
-                    .filter(|q| q.ready())
-                    .any(|q| q.activate(frames).is_err());
-                if failed {
-                    if !self.logged_fatal {
-                        warn!(
-                            "virtio device {}: a queue is set up outside guest RAM",
-                            self.device.device_type()
-                        );
-                        self.logged_fatal = true;
-                    }
-                    self.needs_reset();
-                }
+                self.activate_queues();
                 return;
             }
             _ => {}
         }
         self.status = value;
+    }
+
+    /// At FEATURES_OK: refuses a driver without VIRTIO_F_VERSION_1, otherwise
+    /// tells the device and the queues what was negotiated.
+    fn accept_features(&mut self) -> bool {
+        let acked = self.acked_features;
+        if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return false;
+        }
+        self.device.ack_features(acked);
+        let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let indirect = acked & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+        for queue in &mut self.queues {
+            queue.set_event_idx(event_idx);
+            queue.set_indirect(indirect);
+        }
+        true
+    }
+
+    /// At DRIVER_OK: validates every ready queue; the first that fails puts the
+    /// device in NEEDS_RESET (the others stay inactive or are never used).
+    fn activate_queues(&mut self) {
+        let frames = &self.frames;
+        let failed = self
+            .queues
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            .find_map(|(i, q)| q.activate(frames).err().map(|e| (i, e)));
+        if let Some((index, e)) = failed {
+            self.log_once(format_args!("queue {index} at DRIVER_OK: {e}"));
+            self.needs_reset();
+        }
     }
 
     /// Whether queue registers may be written now (FEATURES_OK, not DRIVER_OK).
@@ -296,15 +331,26 @@ impl MmioTransport {
             return;
         };
         let queue = &mut self.queues[index];
-        if offset == VIRTIO_MMIO_QUEUE_READY {
-            queue.set_ready(value == 1);
-            return;
+        match (offset, value) {
+            (VIRTIO_MMIO_QUEUE_READY, 0) => {
+                queue.set_ready(false);
+                return;
+            }
+            (VIRTIO_MMIO_QUEUE_READY, 1) => {}
+            (VIRTIO_MMIO_QUEUE_READY, _) => {
+                self.metrics.bad_queue_write += 1;
+                return;
+            }
+            _ => {}
         }
         if queue.ready() {
             self.metrics.bad_queue_write += 1;
             return;
         }
         match offset {
+            // Validated and activated at DRIVER_OK; the window closes there,
+            // so a queue never becomes ready after it.
+            VIRTIO_MMIO_QUEUE_READY => queue.set_ready(true),
             VIRTIO_MMIO_QUEUE_NUM => {
                 let ok = u16::try_from(value)
                     .ok()
@@ -340,9 +386,11 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
-            // No shared memory regions: length all ones (§4.2.2).
-            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
-            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            // No shared memory regions: length all ones (§4.2.2), base too.
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => {
                 self.metrics.bad_access += 1;
                 0
@@ -382,8 +430,11 @@ impl MmioTransport {
         let shift = match self.driver_features_sel {
             0 => 0,
             1 => 32,
+            // No feature bits above 63 are offered.
             _ => {
-                self.metrics.bad_features += 1;
+                if value != 0 {
+                    self.metrics.bad_features += 1;
+                }
                 return;
             }
         };

@@ -441,3 +441,49 @@ fn mmio_fatal_queue_error_sets_needs_reset() {
     rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
     rig.assert_serves();
 }
+
+#[test]
+fn mmio_failed_driver_gets_no_service_until_reset() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    rig.w(VIRTIO_MMIO_STATUS, 0b1111 | VIRTIO_CONFIG_S_FAILED);
+    assert_ne!(rig.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
+    let processed = rig.processed.load(Ordering::SeqCst);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(rig.processed.load(Ordering::SeqCst), processed);
+    assert_eq!(rig.transport.metrics().bad_notify, 1);
+    // After FAILED no further step is taken, even from a fresh handshake bit.
+    rig.w(VIRTIO_MMIO_STATUS, 0);
+    rig.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    rig.w(
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FAILED,
+    );
+    rig.w(
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_DRIVER,
+    );
+    assert_eq!(
+        rig.r(VIRTIO_MMIO_STATUS),
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FAILED
+    );
+    rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_queue_ready_takes_only_zero_or_one() {
+    let mut rig = Rig::new();
+    let frames = rig.frames.clone();
+    let driver = MockDriver::new(&frames, SIZE, RINGS);
+    rig.negotiate();
+    rig.setup_queue(&driver);
+    rig.w(VIRTIO_MMIO_QUEUE_READY, 0);
+    rig.w(VIRTIO_MMIO_QUEUE_READY, 2);
+    assert_eq!(rig.r(VIRTIO_MMIO_QUEUE_READY), 0);
+    assert_eq!(rig.transport.metrics().bad_queue_write, 1);
+    rig.w(VIRTIO_MMIO_QUEUE_READY, 1);
+    assert_eq!(rig.r(VIRTIO_MMIO_QUEUE_READY), 1);
+    rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+}
