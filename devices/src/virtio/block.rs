@@ -29,7 +29,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use log::warn;
 use memory::GuestFrames;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::GuestAddress;
@@ -248,11 +247,22 @@ impl Block {
         }
     }
 
+    /// Logs the first fault of each kind: malformed requests and host I/O
+    /// errors as warnings; requests that are merely refused (outside the
+    /// disk, a write to a read-only disk, an unknown type: the guest gets
+    /// IOERR or UNSUPP, as from a real disk) at info level.
     fn log_once(&mut self, fault: Fault, what: &str) {
         let bit = 1 << fault as u8;
         if self.logged & bit == 0 {
             self.logged |= bit;
-            warn!("virtio-blk: {what} (further such requests are only counted)");
+            let level = match fault {
+                Fault::Layout | Fault::Io => log::Level::Warn,
+                Fault::ReadOnly | Fault::Range | Fault::Unsupported => log::Level::Info,
+            };
+            log::log!(
+                level,
+                "virtio-blk: {what} (further such requests are only counted)"
+            );
         }
     }
 

@@ -9,11 +9,14 @@
 //!   debug-exit port whatever the result.
 //! - `testguest.action=hang`: after the report, halt with interrupts off until
 //!   the VMM stops the guest (tests of SIGTERM handling).
+//! - `testguest.blk=none|read|write`: what the block self-test does with each
+//!   virtio-blk device (`blk.rs`; default `read`).
 //! - `testguest.check=full`: run the O(frames) allocator consistency check
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
 //!
 //! Unknown `testguest.*` options and bad values are reported and ignored.
 
+use crate::blk::Mode;
 use crate::log;
 
 /// What the guest does after its report.
@@ -39,6 +42,8 @@ pub struct Options {
     pub action: Action,
     /// Run the full consistency check regardless of RAM size.
     pub full_check: bool,
+    /// The block self-test's mode.
+    pub blk: Mode,
 }
 
 const PREFIX: &str = "testguest.";
@@ -58,6 +63,9 @@ pub fn parse(cmdline: &str) -> Options {
                 Err(_) => log!("warning: ignoring {word}: the exit code must be 0..=255"),
             },
             ("check", "full") => options.full_check = true,
+            ("blk", "none") => options.blk = Mode::None,
+            ("blk", "read") => options.blk = Mode::Read,
+            ("blk", "write") => options.blk = Mode::Write,
             _ => log!("warning: ignoring unknown option {word}"),
         }
     }

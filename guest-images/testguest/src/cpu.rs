@@ -112,3 +112,15 @@ pub fn flush_tlb() {
         asm!("mov {tmp}, cr3", "mov cr3, {tmp}", tmp = out(reg) _, options(nostack, preserves_flags));
     }
 }
+
+/// Reads model-specific register `msr`.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: the guest reads only architectural MSRs that exist on every
+    // x86-64 CPU with a local APIC (IA32_APIC_BASE); reading one has no effect
+    // on memory.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(high) << 32) | u64::from(low)
+}

@@ -4,8 +4,9 @@
 //! the CPU pushes none (all vectors but 8, 10-14, 17, 21, 29, 30), then the
 //! vector, and calls [`exception`] with vector, error code, RIP, CS and CR2. The
 //! handler prints them and exits through the debug-exit port with failure; it
-//! never returns. Vectors 32-255 stay not-present: the guest keeps interrupts
-//! off and raises no software interrupt.
+//! never returns. Vectors 32-255 are not present until [`set_gate`] installs a
+//! handler (`irq.rs` does, for device interrupts); a stray interrupt on any
+//! other vector raises #NP, which reports and fails like every exception.
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -101,12 +102,17 @@ impl Gate {
     }
 }
 
-/// The table; written once by [`init`] before `lidt`, read only by the CPU after.
-#[repr(C, align(16))]
-struct Idt(UnsafeCell<[Gate; 32]>);
+/// Gates in the table: every vector.
+const VECTORS: usize = 256;
 
-// SAFETY: one CPU, and the table is written only by `init`, before the CPU
-// uses it.
+/// The table; written by [`init`] before `lidt` and by [`set_gate`] with
+/// interrupts off, read by the CPU.
+#[repr(C, align(16))]
+struct Idt(UnsafeCell<[Gate; VECTORS]>);
+
+// SAFETY: one CPU; the table is written only by `init` (before the CPU uses
+// it) and by `set_gate` with interrupts disabled, so no delivery reads a gate
+// while it is being written (exceptions are not raised by those writes).
 unsafe impl Sync for Idt {}
 
 static IDT: Idt = Idt(UnsafeCell::new(
@@ -118,7 +124,7 @@ static IDT: Idt = Idt(UnsafeCell::new(
         offset_mid: 0,
         offset_high: 0,
         reserved: 0,
-    }; 32],
+    }; VECTORS],
 ));
 
 /// Fills the IDT with the exception stubs and loads it.
@@ -137,14 +143,28 @@ pub fn init() {
         base: u64,
     }
     let pointer = DescriptorPointer {
-        limit: (core::mem::size_of::<[Gate; 32]>() - 1) as u16,
+        limit: (core::mem::size_of::<[Gate; VECTORS]>() - 1) as u16,
         base: IDT.0.get() as u64,
     };
-    // SAFETY: the table holds 32 valid gates to stubs that never return, and
-    // lives for the whole run (a static).
+    // SAFETY: the table holds 32 valid gates to stubs that never return and
+    // not-present gates after them, and lives for the whole run (a static).
     unsafe {
         asm!("lidt [{}]", in(reg) &raw const pointer, options(readonly, nostack, preserves_flags));
     }
+}
+
+/// Installs `handler` (the address of an interrupt stub ending in `iretq`) as
+/// the interrupt gate of `vector` (32..=255; exceptions keep their handlers).
+/// Call with interrupts disabled.
+pub fn set_gate(vector: u8, handler: u64) {
+    if vector < 32 {
+        return;
+    }
+    // SAFETY: one CPU with interrupts disabled (the caller's contract): no
+    // delivery reads the gate while it is written, and no other reference to
+    // the table exists (`init` is done).
+    let gates = unsafe { &mut *IDT.0.get() };
+    gates[usize::from(vector)] = Gate::interrupt(handler);
 }
 
 fn name(vector: u64) -> &'static str {

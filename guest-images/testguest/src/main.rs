@@ -15,15 +15,21 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod cmdline;
 mod cpu;
+mod dma;
+mod drivers;
 mod idt;
+mod irq;
 mod paging;
 mod ram;
 mod selftest;
 mod serial;
 mod startinfo;
+mod virtio_mmio;
+mod virtq;
 
 use core::fmt;
 
@@ -141,6 +147,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     );
 
     let pass = selftest::run(&mut setup, &options);
+    let pass = drivers::run(setup.alloc, info.cmdline(), options.blk) && pass;
     log!("selftest: {}", if pass { "PASS" } else { "FAIL" });
     let verdict = if pass { EXIT_SUCCESS } else { EXIT_FAILURE };
     match options.action {

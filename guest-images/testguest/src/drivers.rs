@@ -1,0 +1,115 @@
+//! The device part of the self-test: virtio-mmio devices from the command
+//! line, interrupts, the DMA pool, the block self-test on each block device,
+//! and a final check that every DMA buffer went back to the allocator.
+
+use crate::blk::{self, Mode, VIRTIO_ID_BLOCK};
+use crate::dma::{DmaError, DmaPool, ToDevice};
+use crate::irq;
+use crate::log;
+use crate::ram::Allocator;
+use crate::virtio_mmio::{self, MmioDevice};
+
+/// Frames the DMA pool may hand out at once (1 MiB).
+pub const DMA_BUDGET_FRAMES: u64 = 256;
+
+/// Runs the device self-tests on `cmdline`'s devices with the allocator
+/// (which the DMA pool takes over); returns whether all passed.
+pub fn run(alloc: Allocator, cmdline: &str, mode: Mode) -> bool {
+    let mut pass = true;
+    let found = virtio_mmio::discover(cmdline, |word, why| {
+        log!("error: {word}: {why}");
+        pass = false;
+    });
+    if found.ignored > 0 {
+        log!(
+            "warning: {} virtio_mmio.device entries beyond the first {} ignored",
+            found.ignored,
+            virtio_mmio::MAX_DEVICES
+        );
+    }
+    if found.windows().is_empty() {
+        log!("virtio: no devices on the command line");
+        return pass;
+    }
+    let mut controllers = match irq::init() {
+        Ok(c) => c,
+        Err(e) => {
+            log!("error: interrupts: {e}");
+            return false;
+        }
+    };
+    let pool = DmaPool::new(alloc, DMA_BUDGET_FRAMES);
+    let start = pool.allocator_stats();
+    let mut blocks = 0;
+    for (k, w) in found.windows().iter().enumerate() {
+        let dev = match MmioDevice::probe(*w) {
+            Ok(dev) => dev,
+            Err(e) => {
+                log!("virtio{k}: 0x{:x} irq {}: {e}", w.base, w.irq);
+                pass = false;
+                continue;
+            }
+        };
+        if dev.device_id() != VIRTIO_ID_BLOCK {
+            log!(
+                "virtio{k}: 0x{:x} irq {}: device id {}, no driver",
+                w.base,
+                w.irq,
+                dev.device_id()
+            );
+            continue;
+        }
+        log!("virtio{k}: 0x{:x} irq {}: block, version 2", w.base, w.irq);
+        let n = blocks;
+        blocks += 1;
+        match controllers.route(w.irq) {
+            Ok(line) => pass &= blk::selftest(n, dev, &pool, line, mode),
+            Err(e) => {
+                log!("blk{n}: FAIL {e}");
+                pass = false;
+            }
+        }
+    }
+    controllers.mask_all();
+    pass &= check_dma(&pool, start);
+    pass
+}
+
+/// Every buffer is back, the allocator is where it started, and a request
+/// beyond the budget fails cleanly.
+fn check_dma(pool: &DmaPool, start: memory::Stats) -> bool {
+    let failures = pool.stats().failures;
+    let too_big = pool.alloc::<ToDevice>(((DMA_BUDGET_FRAMES + 1) * memory::PAGE_SIZE) as usize);
+    let exhausted = matches!(too_big, Err(DmaError::Exhausted { .. }));
+    drop(too_big);
+    let s = pool.stats();
+    log!(
+        "dma: allocs {} frees {} failures {} orphaned {} in use {} (peak {} frames)",
+        s.allocs,
+        s.frees,
+        s.failures,
+        s.orphaned,
+        s.buffers_in_use,
+        s.peak_frames
+    );
+    let now = pool.allocator_stats();
+    let why = if !exhausted || s.failures != failures + 1 {
+        Some("a request beyond the budget was not refused and counted")
+    } else if s.buffers_in_use != 0 || s.frames_in_use != 0 {
+        Some("buffers still in use")
+    } else if now != start {
+        Some("the frame allocator's statistics did not return to their start")
+    } else {
+        None
+    };
+    match why {
+        None => {
+            log!("check dma: ok");
+            true
+        }
+        Some(why) => {
+            log!("check dma: FAIL {why}");
+            false
+        }
+    }
+}
