@@ -28,7 +28,9 @@ cargo test -p tests -- --test-threads=1
 if [ -c /dev/kvm ] || [ "${MINIVMM_REQUIRE_KVM:-}" = 1 ]; then
     echo "== scripts/run.sh (README run command)"
     out="$(scripts/run.sh)"
-    echo "$out" | tail -n 3
+    grep -E "testguest: (blk|dma|selftest)" <<<"$out"
+    grep -q "testguest: blk0: read back: ok" <<<"$out"
+    grep -q "testguest: blk0: PASS" <<<"$out"
     grep -q "testguest: selftest: PASS" <<<"$out"
 else
     echo "SKIPPED scripts/run.sh: /dev/kvm is not usable"

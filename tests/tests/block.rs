@@ -86,8 +86,12 @@ impl Drop for Image {
     }
 }
 
-/// Boots the test guest with `disks` (`--disk` values) and `cmdline`.
+/// Boots the test guest with 128 MiB, `disks` (`--disk` values) and `cmdline`.
 fn boot(test: &str, disks: &[String], cmdline: &str) -> Option<Outcome> {
+    boot_with(test, "128M", disks, cmdline)
+}
+
+fn boot_with(test: &str, mem: &str, disks: &[String], cmdline: &str) -> Option<Outcome> {
     if !kvm_or_skip(test) {
         return None;
     }
@@ -96,7 +100,7 @@ fn boot(test: &str, disks: &[String], cmdline: &str) -> Option<Outcome> {
         "--kernel".into(),
         guest.display().to_string(),
         "--mem".into(),
-        "128M".into(),
+        mem.into(),
     ];
     for d in disks {
         args.push("--disk".into());
@@ -340,4 +344,35 @@ fn block_bad_disk_arguments_are_reported() {
     );
     assert_eq!(outcome.code(), 2, "{outcome}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// With 3 GiB the guest has RAM above the MMIO hole; its DMA buffers must
+/// still come from below 4 GiB, and the I/O must land as with 128 MiB.
+#[test]
+fn block_dma_buffers_stay_below_4gib_with_3g_of_ram() {
+    let data = noise(1 << 20, 6);
+    let image = Image::new("3g", &data);
+    let Some(outcome) = boot_with(
+        "block_dma_buffers_stay_below_4gib",
+        "3G",
+        &[image.arg("")],
+        "testguest.blk=write",
+    ) else {
+        return;
+    };
+    assert_passed(&outcome);
+    outcome.line("testguest: high ram: ");
+    let dma = outcome.line("testguest: dma: ");
+    assert!(dma.contains(" in use 0 "), "{outcome}");
+    let highest = dma
+        .rsplit("highest end 0x")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    assert!(
+        u64::from_str_radix(highest, 16).unwrap() <= 4 << 30,
+        "{outcome}"
+    );
+    outcome.line("testguest: check dma: ok");
+    assert_eq!(fs::read(&image.path).unwrap(), expected_after_writes(&data));
 }

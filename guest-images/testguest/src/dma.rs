@@ -177,6 +177,8 @@ pub struct DmaStats {
     pub frames_in_use: u64,
     /// Most frames in use at once.
     pub peak_frames: u64,
+    /// End of the highest buffer handed out (exclusive), 0 before the first.
+    pub highest_end: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -302,6 +304,7 @@ impl DmaPool {
             s.buffers_in_use += 1;
             s.frames_in_use += frames;
             s.peak_frames = s.peak_frames.max(s.frames_in_use);
+            s.highest_end = s.highest_end.max(range.end.addr().0);
         });
         Ok((slot as u16, range))
     }

@@ -7,6 +7,7 @@ use crate::dma::{DmaError, DmaPool, ToDevice};
 use crate::irq;
 use crate::log;
 use crate::ram::Allocator;
+use crate::startinfo::BOOT_MAPPED_LIMIT;
 use crate::virtio_mmio::{self, MmioDevice};
 
 /// Frames the DMA pool may hand out at once (1 MiB).
@@ -84,19 +85,22 @@ fn check_dma(pool: &DmaPool, start: memory::Stats) -> bool {
     drop(too_big);
     let s = pool.stats();
     log!(
-        "dma: allocs {} frees {} failures {} orphaned {} in use {} (peak {} frames)",
+        "dma: allocs {} frees {} failures {} orphaned {} in use {} (peak {} frames, highest end 0x{:x})",
         s.allocs,
         s.frees,
         s.failures,
         s.orphaned,
         s.buffers_in_use,
-        s.peak_frames
+        s.peak_frames,
+        s.highest_end
     );
     let now = pool.allocator_stats();
     let why = if !exhausted || s.failures != failures + 1 {
         Some("a request beyond the budget was not refused and counted")
     } else if s.buffers_in_use != 0 || s.frames_in_use != 0 {
         Some("buffers still in use")
+    } else if s.highest_end > BOOT_MAPPED_LIMIT {
+        Some("a buffer above 4 GiB")
     } else if now != start {
         Some("the frame allocator's statistics did not return to their start")
     } else {
