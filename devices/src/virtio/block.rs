@@ -147,7 +147,17 @@ impl BlockMetrics {
 }
 
 fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+    add(counter, 1);
+}
+
+/// Adds `n` to a counter. Only the device (`&mut self`, one thread) writes
+/// its counters, so a plain load and store suffice: no locked read-modify-
+/// write on the request path. Readers see each value whole.
+fn add(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
 }
 
 /// What went wrong with a request, and its counter.
@@ -366,9 +376,7 @@ impl Block {
             .disk
             .read_at(frames, offset, &self.segments)
             .map_err(|_| Fault::Io)?;
-        self.metrics
-            .bytes_read
-            .fetch_add(n as u64, Ordering::Relaxed);
+        add(&self.metrics.bytes_read, n as u64);
         if (n as u64) < len {
             Err(Fault::Io)
         } else {
@@ -400,9 +408,7 @@ impl Block {
             .disk
             .write_at(frames, offset, &self.segments)
             .map_err(|_| Fault::Io)?;
-        self.metrics
-            .bytes_written
-            .fetch_add(n as u64, Ordering::Relaxed);
+        add(&self.metrics.bytes_written, n as u64);
         if (n as u64) < len {
             Err(Fault::Io)
         } else {

@@ -36,7 +36,10 @@ use memory::{GuestFrames, PinGuard};
 use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryError};
+
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice,
+};
 
 /// Largest queue size minivmm offers (QueueNumMax).
 pub const MAX_QUEUE_SIZE: u16 = 256;
@@ -718,10 +721,10 @@ impl Queue {
         let mem = frames.memory();
         let slot = u64::from(self.next_used.0 % self.size);
         let elem = GuestAddress(self.used_ring.0 + 4 + 8 * slot);
-        mem.write_obj(u32::from(head), elem)
-            .map_err(QueueError::Memory)?;
-        mem.write_obj(len, GuestAddress(elem.0 + 4))
-            .map_err(QueueError::Memory)?;
+        let mut raw = [0u8; 8];
+        raw[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        raw[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_obj(raw, elem).map_err(QueueError::Memory)?;
         self.next_used += Wrapping(1);
         // The element before the index that publishes it (§2.7.13).
         mem.store(
@@ -730,23 +733,18 @@ impl Queue {
             Ordering::Release,
         )
         .map_err(QueueError::Memory)?;
-        let _ = frames.mark_dirty(elem, 8);
-        let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + 2), 2);
+        // The index and the element, in one call (the frames between them
+        // are the ring's own).
+        let idx = self.used_ring.0 + 2;
+        let _ = frames.mark_dirty(GuestAddress(idx), elem.0 + 8 - idx);
         Ok(())
     }
 
-    fn read_desc(
-        frames: &GuestFrames,
-        table: GuestAddress,
-        index: u16,
-    ) -> Result<Descriptor, ChainError> {
-        let mut raw = [0u8; DESC_SIZE as usize];
-        frames
-            .memory()
-            .read_slice(
-                &mut raw,
-                GuestAddress(table.0 + DESC_SIZE * u64::from(index)),
-            )
+    /// Descriptor `index` of `table` (a slice of the whole table, looked up
+    /// once per chain; `index` is below the table's length).
+    fn read_desc(table: &VolatileSlice<'_>, index: u16) -> Result<Descriptor, ChainError> {
+        let raw: [u8; DESC_SIZE as usize] = table
+            .read_obj(DESC_SIZE as usize * usize::from(index))
             .map_err(|_| ChainError::Memory)?;
         Ok(Descriptor {
             addr: u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
@@ -764,7 +762,12 @@ impl Queue {
             readable,
             writable,
         };
-        let mut table = self.desc_table;
+        let mem = frames.memory();
+        let slice = |addr: GuestAddress, entries: u16| {
+            mem.get_slice(addr, DESC_SIZE as usize * usize::from(entries))
+                .map_err(|_| ChainError::Memory)
+        };
+        let mut table = slice(self.desc_table, self.size)?;
         let mut table_len = self.size;
         let mut in_indirect = false;
         let mut _indirect_pin = None;
@@ -775,7 +778,7 @@ impl Queue {
                 return Err(ChainError::TooLong);
             }
             budget -= 1;
-            let desc = Self::read_desc(frames, table, index)?;
+            let desc = Self::read_desc(&table, index)?;
             if desc.has(VRING_DESC_F_INDIRECT) {
                 if in_indirect {
                     return Err(ChainError::NestedIndirect);
@@ -799,8 +802,8 @@ impl Queue {
                         len: desc.len,
                     })?;
                 _indirect_pin = Some(pin);
-                table = GuestAddress(desc.addr);
                 table_len = (u64::from(desc.len) / DESC_SIZE) as u16;
+                table = slice(GuestAddress(desc.addr), table_len)?;
                 in_indirect = true;
                 index = 0;
                 continue;
