@@ -297,6 +297,14 @@ impl GuestFrames {
         })
     }
 
+    /// An empty [`PinSet`] on these frames.
+    pub fn pin_set(&self) -> PinSet {
+        PinSet {
+            table: self.table.clone(),
+            ranges: Vec::new(),
+        }
+    }
+
     /// Marks the frames of `[addr, addr + len)` dirty.
     pub fn mark_dirty(&self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
         self.table.mark_dirty(addr.into(), len)
@@ -339,6 +347,62 @@ impl PinGuard {
 impl Drop for PinGuard {
     fn drop(&mut self) {
         self.table.unpin(self.range);
+    }
+}
+
+/// DMA pins on several ranges, dropped together: what a device holds for one
+/// request. [`PinSet::clear`] unpins and keeps both the list's allocation and
+/// the table reference, so a device that reuses its sets pins a request with
+/// one locked increment per frame and nothing else (a [`PinGuard`] per
+/// buffer also clones and drops an `Arc`).
+pub struct PinSet {
+    table: Arc<FrameTable<SharedMeta>>,
+    ranges: Vec<FrameRange>,
+}
+
+impl PinSet {
+    /// Pins the frames of `[addr, addr + len)` until the set is cleared or
+    /// dropped. Fails, changing nothing, as [`GuestFrames::pin`] does.
+    pub fn pin(&mut self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
+        let range = self.table.pin_frames(addr.into(), len)?;
+        self.ranges.push(range);
+        Ok(())
+    }
+
+    /// Ranges pinned.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether nothing is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Drops every pin of the set; the set stays usable.
+    pub fn clear(&mut self) {
+        for range in self.ranges.drain(..) {
+            self.table.unpin(range);
+        }
+    }
+
+    /// Whether the set pins frames of `frames` (and not of another VM's).
+    pub fn belongs_to(&self, frames: &GuestFrames) -> bool {
+        Arc::ptr_eq(&self.table, &frames.table)
+    }
+}
+
+impl Drop for PinSet {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+impl std::fmt::Debug for PinSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinSet")
+            .field("ranges", &self.ranges)
+            .finish()
     }
 }
 
@@ -546,6 +610,26 @@ mod tests {
         drop(guard);
         assert!(g.table().is_pinned(PhysAddr(0x4000), 1).unwrap());
         drop(second);
+        assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
+    }
+
+    #[test]
+    fn pin_set_holds_its_ranges_until_cleared_or_dropped() {
+        let g = frames(16 * MIB);
+        let other = frames(16 * MIB);
+        let mut set = g.pin_set();
+        assert!(set.belongs_to(&g) && !set.belongs_to(&other));
+        set.pin(GuestAddress(0x3ff0), 0x20).unwrap();
+        set.pin(GuestAddress(0x4000), 1).unwrap();
+        assert!(set.pin(GuestAddress(0), 0).is_err());
+        assert_eq!(set.len(), 2);
+        assert_eq!(g.table().meta(FrameNumber(4)).unwrap().refcount(), 2);
+        set.clear();
+        assert!(set.is_empty());
+        assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
+        set.pin(GuestAddress(0x8000), 0x1000).unwrap();
+        assert!(g.table().is_pinned(PhysAddr(0x8000), 1).unwrap());
+        drop(set);
         assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
     }
 

@@ -38,4 +38,4 @@ pub use meta::{FrameFlags, FrameMeta};
 pub use table::{Block, FrameMap, FrameTable, MAX_ORDER, MAX_RANGES};
 
 #[cfg(feature = "std")]
-pub use guest::{E820Entry, E820Kind, GuestFrames, PinGuard, Purpose};
+pub use guest::{E820Entry, E820Kind, GuestFrames, PinGuard, PinSet, Purpose};

@@ -17,7 +17,7 @@
 //!   included), so every walk ends.
 //!
 //! A valid chain becomes a [`DescriptorChain`]: device-readable buffers followed
-//! by device-writable ones, each pinned (`memory::PinGuard`) until the chain is
+//! by device-writable ones, each pinned (one reusable `memory::PinSet` per chain) until the chain is
 //! handed back through [`Queue::add_used`]. The two kinds are different types:
 //! only [`WritableBuffer`]s can be written, through a [`Writer`], which also
 //! marks the frames it writes dirty.
@@ -32,7 +32,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::{Ordering, fence};
 
-use memory::{GuestFrames, PinGuard};
+use memory::{GuestFrames, PinGuard, PinSet};
 use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
@@ -153,7 +153,6 @@ impl QueueError {
 pub struct ReadableBuffer {
     addr: GuestAddress,
     len: u32,
-    _pin: Option<PinGuard>,
 }
 
 /// A buffer the device may write (and read back).
@@ -161,7 +160,6 @@ pub struct ReadableBuffer {
 pub struct WritableBuffer {
     addr: GuestAddress,
     len: u32,
-    _pin: Option<PinGuard>,
 }
 
 macro_rules! buffer_accessors {
@@ -191,6 +189,9 @@ pub struct DescriptorChain {
     head: u16,
     readable: Vec<ReadableBuffer>,
     writable: Vec<WritableBuffer>,
+    /// Pins on every buffer (and indirect table) until the chain is returned
+    /// or dropped.
+    pins: PinSet,
 }
 
 impl DescriptorChain {
@@ -451,7 +452,7 @@ pub struct Queue {
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
     /// Buffer lists of completed chains, reused so a request allocates nothing.
-    spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>)>,
+    spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>, PinSet)>,
     active: bool,
 }
 
@@ -665,16 +666,19 @@ impl Queue {
         }
         let len = len.min(u32::try_from(chain.writable_len()).unwrap_or(u32::MAX));
         self.push_used(frames, head, len)?;
-        // Unpin, and keep the emptied lists for the next chains.
+        // Unpin, and keep the emptied lists and the pin set for the next
+        // chains.
         let DescriptorChain {
             mut readable,
             mut writable,
+            mut pins,
             ..
         } = chain;
+        pins.clear();
         readable.clear();
         writable.clear();
         if self.spare.len() < SPARE_LISTS {
-            self.spare.push((readable, writable));
+            self.spare.push((readable, writable, pins));
         }
         Ok(())
     }
@@ -756,11 +760,15 @@ impl Queue {
 
     /// Walks the chain at `head` within the descriptor budget.
     fn walk(&mut self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
-        let (readable, writable) = self.spare.pop().unwrap_or_default();
+        let (readable, writable, pins) = match self.spare.pop() {
+            Some(spare) if spare.2.belongs_to(frames) => spare,
+            _ => (Vec::new(), Vec::new(), frames.pin_set()),
+        };
         let mut chain = DescriptorChain {
             head,
             readable,
             writable,
+            pins,
         };
         let mem = frames.memory();
         let slice = |addr: GuestAddress, entries: u16| {
@@ -770,7 +778,6 @@ impl Queue {
         let mut table = slice(self.desc_table, self.size)?;
         let mut table_len = self.size;
         let mut in_indirect = false;
-        let mut _indirect_pin = None;
         let mut index = head;
         let mut budget = self.size;
         loop {
@@ -795,47 +802,36 @@ impl Queue {
                 {
                     return Err(ChainError::IndirectLength(desc.len));
                 }
-                let pin = frames
+                chain
+                    .pins
                     .pin(GuestAddress(desc.addr), u64::from(desc.len))
                     .map_err(|_| ChainError::Buffer {
                         addr: desc.addr,
                         len: desc.len,
                     })?;
-                _indirect_pin = Some(pin);
                 table_len = (u64::from(desc.len) / DESC_SIZE) as u16;
                 table = slice(GuestAddress(desc.addr), table_len)?;
                 in_indirect = true;
                 index = 0;
                 continue;
             }
-            let pin = if desc.len > 0 {
-                Some(
-                    frames
-                        .pin(GuestAddress(desc.addr), u64::from(desc.len))
-                        .map_err(|_| ChainError::Buffer {
-                            addr: desc.addr,
-                            len: desc.len,
-                        })?,
-                )
-            } else {
-                None
-            };
+            if desc.len > 0 {
+                chain
+                    .pins
+                    .pin(GuestAddress(desc.addr), u64::from(desc.len))
+                    .map_err(|_| ChainError::Buffer {
+                        addr: desc.addr,
+                        len: desc.len,
+                    })?;
+            }
             let (addr, len) = (GuestAddress(desc.addr), desc.len);
             if desc.has(VRING_DESC_F_WRITE) {
-                chain.writable.push(WritableBuffer {
-                    addr,
-                    len,
-                    _pin: pin,
-                });
+                chain.writable.push(WritableBuffer { addr, len });
             } else {
                 if !chain.writable.is_empty() {
                     return Err(ChainError::ReadableAfterWritable);
                 }
-                chain.readable.push(ReadableBuffer {
-                    addr,
-                    len,
-                    _pin: pin,
-                });
+                chain.readable.push(ReadableBuffer { addr, len });
             }
             if !desc.has(VRING_DESC_F_NEXT) {
                 return Ok(chain);
