@@ -64,6 +64,18 @@ pub enum Error {
     /// Neither ELF nor bzImage, or a malformed one.
     #[error("{} is not a loadable bzImage or ELF kernel", .0.display())]
     BadKernel(PathBuf, #[source] loader::Error),
+    /// The ELF's entry point (PVH or 64-bit) is not in its loaded segments.
+    #[error("{}: entry point {entry:#x} is outside the loaded image [{start:#x}, {end:#x})", path.display())]
+    BadEntry {
+        /// Image path.
+        path: PathBuf,
+        /// The entry point.
+        entry: u64,
+        /// First loaded byte.
+        start: u64,
+        /// End of the loaded segments.
+        end: u64,
+    },
     /// An empty initrd.
     #[error("Initrd {} is empty", .0.display())]
     EmptyInitrd(PathBuf),
@@ -237,6 +249,17 @@ fn load_kernel(frames: &GuestFrames, path: &Path, file: &mut File) -> Result<Loa
             PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
             _ => None,
         };
+        // The vCPU starts there: it must be code the image brought, not
+        // whatever lies (or does not lie) at an arbitrary address.
+        let entry = pvh_entry.unwrap_or(result.kernel_load).0;
+        if entry < start.0 || entry >= result.kernel_end {
+            return Err(Error::BadEntry {
+                path: path.into(),
+                entry,
+                start: start.0,
+                end: result.kernel_end,
+            });
+        }
         Ok(Loaded {
             entry: result.kernel_load,
             pvh_entry,
