@@ -307,3 +307,35 @@ impl Running {
         }
     }
 }
+
+/// Where [`vmlinux_elf`] loads its code (physical = virtual), like a vmlinux.
+pub const VMLINUX_LOAD: u64 = 0x100_0000;
+
+/// An ELF64 x86-64 executable without a PVH note (like a vmlinux): one
+/// PT_LOAD of `code` at [`VMLINUX_LOAD`], entry point `entry`.
+pub fn vmlinux_elf(entry: u64, code: &[u8]) -> Vec<u8> {
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut elf = vec![0u8; CODE_OFFSET as usize];
+    let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, b"\x7fELF\x02\x01\x01"); // 64-bit, little endian, version 1
+    put(0x10, &2u16.to_le_bytes()); // ET_EXEC
+    put(0x12, &62u16.to_le_bytes()); // EM_X86_64
+    put(0x14, &1u32.to_le_bytes()); // EV_CURRENT
+    put(0x18, &entry.to_le_bytes()); // e_entry
+    put(0x20, &64u64.to_le_bytes()); // e_phoff
+    put(0x34, &64u16.to_le_bytes()); // e_ehsize
+    put(0x36, &56u16.to_le_bytes()); // e_phentsize
+    put(0x38, &1u16.to_le_bytes()); // e_phnum
+    put(0x3a, &64u16.to_le_bytes()); // e_shentsize
+    let ph = 64;
+    put(ph, &1u32.to_le_bytes()); // PT_LOAD
+    put(ph + 4, &5u32.to_le_bytes()); // R+X
+    put(ph + 8, &CODE_OFFSET.to_le_bytes()); // p_offset
+    put(ph + 0x10, &VMLINUX_LOAD.to_le_bytes()); // p_vaddr
+    put(ph + 0x18, &VMLINUX_LOAD.to_le_bytes()); // p_paddr
+    put(ph + 0x20, &(code.len() as u64).to_le_bytes()); // p_filesz
+    put(ph + 0x28, &(code.len() as u64).to_le_bytes()); // p_memsz
+    put(ph + 0x30, &0x1000u64.to_le_bytes()); // p_align
+    elf.extend_from_slice(code);
+    elf
+}

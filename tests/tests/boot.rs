@@ -9,7 +9,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{Outcome, Running, kvm_or_skip, minivmm, minivmm_bin, test_guest};
+use tests::{
+    Outcome, Running, VMLINUX_LOAD, kvm_or_skip, minivmm, minivmm_bin, test_guest, vmlinux_elf,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -271,7 +273,7 @@ fn test_guest_has_no_sse_avx_or_unemulatable_instructions() {
     }
 }
 
-/// 64-bit code for [`elf64_image`]: in long mode `mov rax, 7 << 32; shr rax,
+/// 64-bit code for [`vmlinux_elf`]: in long mode `mov rax, 7 << 32; shr rax,
 /// 32` leaves 7 in `al` (in 32-bit mode the REX prefixes decode as `dec eax`
 /// and the rest is garbage); then, if the zero page at `rsi` has e820 entries
 /// and its `cmd_line_ptr` points at a command line starting with 'E', it
@@ -298,45 +300,13 @@ const ELF64_ENTRY_CODE: [u8; 46] = [
     0x75, 0x02, 0xeb, 0x02, 0xb0, 0x09, 0x66, 0xba, 0xf4, 0x00, 0xee, 0xf4, 0xeb, 0xfd,
 ];
 
-/// An ELF64 x86-64 executable without a PVH note (like a vmlinux): one
-/// PT_LOAD of `code` at physical = virtual 16 MiB, which is the entry point.
-fn elf64_image(code: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x100_0000;
-    const CODE_OFFSET: u64 = 0x1000;
-    let mut elf = vec![0u8; CODE_OFFSET as usize];
-    elf[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    let put = |elf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
-        elf[at..at + bytes.len()].copy_from_slice(bytes)
-    };
-    put(&mut elf, 0x10, &2u16.to_le_bytes()); // ET_EXEC
-    put(&mut elf, 0x12, &62u16.to_le_bytes()); // EM_X86_64
-    put(&mut elf, 0x14, &1u32.to_le_bytes()); // EV_CURRENT
-    put(&mut elf, 0x18, &LOAD.to_le_bytes()); // e_entry
-    put(&mut elf, 0x20, &64u64.to_le_bytes()); // e_phoff
-    put(&mut elf, 0x34, &64u16.to_le_bytes()); // e_ehsize
-    put(&mut elf, 0x36, &56u16.to_le_bytes()); // e_phentsize
-    put(&mut elf, 0x38, &1u16.to_le_bytes()); // e_phnum
-    put(&mut elf, 0x3a, &64u16.to_le_bytes()); // e_shentsize
-    let ph = 64;
-    put(&mut elf, ph, &1u32.to_le_bytes()); // PT_LOAD
-    put(&mut elf, ph + 4, &5u32.to_le_bytes()); // R+X
-    put(&mut elf, ph + 8, &CODE_OFFSET.to_le_bytes()); // p_offset
-    put(&mut elf, ph + 0x10, &LOAD.to_le_bytes()); // p_vaddr
-    put(&mut elf, ph + 0x18, &LOAD.to_le_bytes()); // p_paddr
-    put(&mut elf, ph + 0x20, &(code.len() as u64).to_le_bytes()); // p_filesz
-    put(&mut elf, ph + 0x28, &(code.len() as u64).to_le_bytes()); // p_memsz
-    put(&mut elf, ph + 0x30, &0x1000u64.to_le_bytes()); // p_align
-    elf.extend_from_slice(code);
-    elf
-}
-
 #[test]
 fn boot_elf_without_pvh_note_enters_64_bit_with_zero_page() {
     if !kvm_or_skip("boot_elf_without_pvh_note_enters_64_bit_with_zero_page") {
         return;
     }
     let path = std::env::temp_dir().join(format!("minivmm-elf64-{}.elf", std::process::id()));
-    std::fs::write(&path, elf64_image(&ELF64_ENTRY_CODE)).unwrap();
+    std::fs::write(&path, vmlinux_elf(VMLINUX_LOAD, &ELF64_ENTRY_CODE)).unwrap();
     let kernel = path.to_str().unwrap();
     let outcome = minivmm(
         [

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{Outcome, kvm_or_skip, minivmm, minivmm_bin, run_with_timeout, test_guest};
+use tests::{
+    Outcome, VMLINUX_LOAD, kvm_or_skip, minivmm, minivmm_bin, run_with_timeout, test_guest,
+    vmlinux_elf,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,44 +108,19 @@ fn cli_kernel_that_is_not_an_image_is_reported() {
     }
 }
 
-/// An ELF64 whose only PT_LOAD holds 16 bytes at 16 MiB and whose entry
-/// point is `entry` (found by fuzzing: an entry outside the image was taken).
-fn elf_with_entry(entry: u64) -> Vec<u8> {
-    const LOAD: u64 = 0x100_0000;
-    let mut elf = vec![0u8; 0x1000];
-    let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
-    put(0, b"\x7fELF\x02\x01\x01");
-    put(0x10, &2u16.to_le_bytes());
-    put(0x12, &62u16.to_le_bytes());
-    put(0x14, &1u32.to_le_bytes());
-    put(0x18, &entry.to_le_bytes());
-    put(0x20, &64u64.to_le_bytes());
-    put(0x34, &64u16.to_le_bytes());
-    put(0x36, &56u16.to_le_bytes());
-    put(0x38, &1u16.to_le_bytes());
-    put(64, &1u32.to_le_bytes());
-    put(68, &5u32.to_le_bytes());
-    put(72, &0x1000u64.to_le_bytes());
-    put(80, &LOAD.to_le_bytes());
-    put(88, &LOAD.to_le_bytes());
-    put(96, &16u64.to_le_bytes());
-    put(104, &16u64.to_le_bytes());
-    elf.extend_from_slice(&[0xf4; 16]);
-    elf
-}
-
 #[test]
 fn cli_kernel_entry_outside_its_image_is_reported() {
     if !kvm_or_skip("cli_kernel_entry_outside_its_image_is_reported") {
         return;
     }
+    // Found by fuzzing (boot_image): an entry outside the image was taken.
     let dir = scratch("kernel-entry");
     for (name, entry) in [
-        ("past-end", 0x100_0010u64),
+        ("past-end", VMLINUX_LOAD + 16),
         ("below", 0x10_0000),
         ("far", 1 << 40),
     ] {
-        let kernel = file_with(&dir, name, &elf_with_entry(entry));
+        let kernel = file_with(&dir, name, &vmlinux_elf(entry, &[0xf4; 16]));
         let outcome = minivmm(
             [
                 "--kernel".as_ref(),
