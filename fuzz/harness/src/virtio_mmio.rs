@@ -9,7 +9,10 @@
 //! ioeventfd path), 3 a write of the raw width (1, 2, 3, 4 or 8 bytes).
 //!
 //! Checks: no panic; the status never holds bits the driver cannot have
-//! reached; a final reset leaves no pin and the device in its initial state.
+//! reached; a notification changes guest memory only inside the active
+//! queue's used ring or a buffer some descriptor (direct or in an indirect
+//! table) marks device-writable; a final reset leaves no pin and the device
+//! in its initial state.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +22,17 @@ use devices::disk::RawFile;
 use devices::virtio::Interrupt;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::MmioTransport;
+use memory::GuestFrames;
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::common::{GUEST_RAM, Input, TempFile, guest, pinned_frames, temp_path};
+use crate::common::{
+    GUEST_RAM, Input, TempFile, assert_writes_within, guest, pinned_frames, snapshot, temp_path,
+};
+
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+/// QueueNotify offset.
+const QUEUE_NOTIFY: u64 = 0x50;
 
 const DISK_BYTES: u64 = 64 << 10;
 const MAX_OPS: u16 = 4096;
@@ -36,6 +48,49 @@ impl Interrupt for CountingInterrupt {
     fn trigger(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// `(addr, len, flags)` of descriptor `i` of the table at `table`.
+fn descriptor(frames: &GuestFrames, table: u64, i: u64) -> Option<(u64, u32, u16)> {
+    let mut raw = [0u8; 16];
+    frames
+        .memory()
+        .read_slice(&mut raw, GuestAddress(table.checked_add(16 * i)?))
+        .ok()?;
+    Some((
+        u64::from_le_bytes(raw[0..8].try_into().ok()?),
+        u32::from_le_bytes(raw[8..12].try_into().ok()?),
+        u16::from_le_bytes([raw[12], raw[13]]),
+    ))
+}
+
+/// Where the device may write while serving queue 0: its used ring and every
+/// buffer a descriptor marks device-writable (an over-approximation of the
+/// chains it can accept).
+fn writable_ranges(t: &MmioTransport, frames: &GuestFrames) -> Vec<(u64, u64)> {
+    let Some(q) = t.queue(0).filter(|q| q.is_active()) else {
+        return Vec::new();
+    };
+    let size = u64::from(q.size());
+    let mut out = vec![(q.used_ring().0, 6 + 8 * size)];
+    for i in 0..size {
+        let Some((addr, len, flags)) = descriptor(frames, q.desc_table().0, i) else {
+            continue;
+        };
+        if flags & DESC_F_WRITE != 0 {
+            out.push((addr, u64::from(len)));
+        }
+        if flags & DESC_F_INDIRECT != 0 {
+            for j in 0..(u64::from(len) / 16).min(size) {
+                if let Some((a, l, f)) = descriptor(frames, addr, j)
+                    && f & DESC_F_WRITE != 0
+                {
+                    out.push((a, u64::from(l)));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -66,6 +121,9 @@ pub fn run(data: &[u8]) {
         let offset = u64::from(ops.u16() % 0x200);
         let width = ops.u8();
         let value = ops.u32();
+        // A notification, however it arrives, is when the device writes RAM.
+        let notify = kind == 2 || (kind == 0 && offset == QUEUE_NOTIFY);
+        let before = notify.then(|| (snapshot(&frames, GUEST_RAM), writable_ranges(&t, &frames)));
         match kind {
             0 => t.write(offset, &value.to_le_bytes()),
             1 => {
@@ -79,6 +137,10 @@ pub fn run(data: &[u8]) {
                 let n = [1, 2, 3, 4, 8][usize::from(width % 5)];
                 t.write(offset, &wide.to_le_bytes()[..n]);
             }
+        }
+        if let Some((before, allowed)) = before {
+            let after = snapshot(&frames, GUEST_RAM);
+            assert_writes_within(&before, &after, &allowed, "virtio_mmio");
         }
         let status = read32(&mut t, STATUS);
         assert_eq!(
