@@ -143,51 +143,14 @@ impl std::fmt::Display for Outcome {
 
 /// Runs `command` with stdin from /dev/null; kills it after `timeout` and
 /// panics with what it printed so far.
-pub fn run_with_timeout(mut command: Command, timeout: Duration) -> Outcome {
-    let start = Instant::now();
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err.read_to_end(&mut buf);
-        buf
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for minivmm") {
-            break status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let status = child.wait().expect("wait for killed minivmm");
-            let outcome = Outcome {
-                status,
-                stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default())
-                    .into_owned(),
-                stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
-                    .into_owned(),
-                elapsed: start.elapsed(),
-            };
-            panic!("{command:?} did not finish within {timeout:?}: {outcome}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Outcome {
-        status,
-        stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned(),
-        stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned(),
-        elapsed: start.elapsed(),
+pub fn run_with_timeout(command: Command, timeout: Duration) -> Outcome {
+    let what = format!("{command:?}");
+    let mut running = Running::start(command);
+    if !running.wait_exit(timeout) {
+        let outcome = running.kill();
+        panic!("{what} did not finish within {timeout:?}: {outcome}");
     }
+    running.collect()
 }
 
 /// Runs minivmm with `args`, killing it after `timeout`.
@@ -289,6 +252,20 @@ impl Running {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit; returns whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.child.try_wait().expect("wait for minivmm").is_some() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM (if still running) and collects the outcome.
     pub fn terminate(mut self) -> Outcome {
         if self.child.try_wait().ok().flatten().is_none() {
@@ -296,6 +273,17 @@ impl Running {
                 .args(["-TERM", &self.child.id().to_string()])
                 .status();
         }
+        self.collect()
+    }
+
+    /// Kills the process (if still running) and collects the outcome.
+    pub fn kill(mut self) -> Outcome {
+        let _ = self.child.kill();
+        self.collect()
+    }
+
+    /// Waits for the process to exit and returns what it printed.
+    pub fn collect(mut self) -> Outcome {
         let status = self.child.wait().expect("wait for minivmm");
         let _ = self.reader.join();
         let stdout = self.stdout.lock().unwrap().clone();
