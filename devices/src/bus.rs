@@ -87,34 +87,25 @@ impl MmioBus {
         (end <= entry.len).then_some((entry, offset))
     }
 
+    /// Runs `f` on the device holding `[addr, addr + len)` with the offset
+    /// into it; false if no device holds the whole access.
+    fn with_device(&self, addr: u64, len: usize, f: impl FnOnce(&mut dyn BusDevice, u64)) -> bool {
+        let Some((entry, offset)) = self.find(addr, len) else {
+            return false;
+        };
+        let mut device = entry.device.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut *device, offset);
+        true
+    }
+
     /// Delivers a read; false if no device holds the whole access.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((entry, offset)) => {
-                entry
-                    .device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.with_device(addr, data.len(), |d, offset| d.read(offset, data))
     }
 
     /// Delivers a write; false if no device holds the whole access.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((entry, offset)) => {
-                entry
-                    .device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.with_device(addr, data.len(), |d, offset| d.write(offset, data))
     }
 }
 

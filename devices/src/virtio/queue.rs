@@ -304,11 +304,6 @@ impl<'a, B: Piece> Cursor<'a, B> {
 pub struct Reader<'a>(Cursor<'a, ReadableBuffer>);
 
 impl Reader<'_> {
-    /// Bytes not yet consumed.
-    pub fn remaining(&self) -> u64 {
-        self.0.left
-    }
-
     /// Fills `buf` from the next bytes.
     pub fn read_exact(&mut self, frames: &GuestFrames, buf: &mut [u8]) -> Result<(), ShortChain> {
         let mut done = 0;
@@ -329,21 +324,6 @@ impl Reader<'_> {
         self.read_exact(frames, value.as_mut_slice())?;
         Ok(value)
     }
-
-    /// Consumes `len` bytes, appending their guest memory pieces to `out` (for
-    /// I/O straight from guest memory).
-    pub fn take_segments(
-        &mut self,
-        len: u64,
-        out: &mut Vec<(GuestAddress, usize)>,
-    ) -> Result<(), ShortChain> {
-        self.0.take(len, |addr, n| out.push((addr, n)))
-    }
-
-    /// Skips `len` bytes.
-    pub fn skip(&mut self, len: u64) -> Result<(), ShortChain> {
-        self.0.take(len, |_, _| {})
-    }
 }
 
 /// Writes a chain's device-writable bytes in order, marking them dirty.
@@ -351,11 +331,6 @@ impl Reader<'_> {
 pub struct Writer<'a>(Cursor<'a, WritableBuffer>);
 
 impl Writer<'_> {
-    /// Bytes not yet consumed.
-    pub fn remaining(&self) -> u64 {
-        self.0.left
-    }
-
     /// Writes all of `buf` to the next bytes.
     pub fn write_all(&mut self, frames: &GuestFrames, buf: &[u8]) -> Result<(), ShortChain> {
         let mut done = 0;
@@ -375,23 +350,37 @@ impl Writer<'_> {
     ) -> Result<(), ShortChain> {
         self.write_all(frames, value.as_slice())
     }
-
-    /// Consumes `len` bytes, appending their guest memory pieces to `out` (for
-    /// I/O straight into guest memory; the caller marks what it writes dirty,
-    /// as `GuestFrames::read_file_at` does).
-    pub fn take_segments(
-        &mut self,
-        len: u64,
-        out: &mut Vec<(GuestAddress, usize)>,
-    ) -> Result<(), ShortChain> {
-        self.0.take(len, |addr, n| out.push((addr, n)))
-    }
-
-    /// Skips `len` bytes.
-    pub fn skip(&mut self, len: u64) -> Result<(), ShortChain> {
-        self.0.take(len, |_, _| {})
-    }
 }
+
+macro_rules! cursor_methods {
+    ($t:ty) => {
+        impl $t {
+            /// Bytes not yet consumed.
+            pub fn remaining(&self) -> u64 {
+                self.0.left
+            }
+
+            /// Consumes `len` bytes, appending their guest memory pieces to
+            /// `out`, for I/O straight between a file and guest memory (a
+            /// caller that writes them marks them dirty, as
+            /// `GuestFrames::read_file_at` does).
+            pub fn take_segments(
+                &mut self,
+                len: u64,
+                out: &mut Vec<(GuestAddress, usize)>,
+            ) -> Result<(), ShortChain> {
+                self.0.take(len, |addr, n| out.push((addr, n)))
+            }
+
+            /// Skips `len` bytes.
+            pub fn skip(&mut self, len: u64) -> Result<(), ShortChain> {
+                self.0.take(len, |_, _| {})
+            }
+        }
+    };
+}
+cursor_methods!(Reader<'_>);
+cursor_methods!(Writer<'_>);
 
 /// One descriptor as read from guest memory.
 #[derive(Clone, Copy, Debug)]
