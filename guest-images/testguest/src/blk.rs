@@ -220,7 +220,6 @@ pub struct Blk<'p> {
     capacity: u64,
     seg_max: usize,
     size_max: usize,
-    requests: u64,
 }
 
 impl<'p> Blk<'p> {
@@ -274,7 +273,6 @@ impl<'p> Blk<'p> {
             seg_max: seg_max.clamp(1, MAX_SEGMENTS - 2),
             // Whole sectors, at least one.
             size_max: (size_max & !(SECTOR - 1)).max(SECTOR),
-            requests: 0,
         })
     }
 
@@ -296,7 +294,6 @@ impl<'p> Blk<'p> {
             let s = self.status.whole()?;
             self.queue.submit(&[&[h], data, &[s]])?
         };
-        self.requests += 1;
         if self.queue.should_notify() {
             self.dev.notify(0);
         }
@@ -571,7 +568,7 @@ pub fn selftest(n: usize, dev: MmioDevice, pool: &DmaPool, line: Line, mode: Mod
     let stats = blk.queue.stats();
     blk.say(format_args!(
         "requests {}, interrupts {}, notifications {} (suppressed {}), indirect {}",
-        blk.requests,
+        stats.submitted,
         blk.line.count(),
         stats.notifications,
         stats.suppressed,

@@ -9,7 +9,10 @@
 //!   device cannot corrupt it); a chain takes as many as it has segments, or
 //!   one when it goes through an indirect table (§2.7.5.3): chains of more
 //!   than [`INDIRECT_ABOVE`] segments do when VIRTIO_RING_F_INDIRECT_DESC was
-//!   negotiated, shorter ones stay direct, so both paths are used.
+//!   negotiated, shorter ones stay direct, so both paths are used. Indirect
+//!   tables live in a second coherent buffer allocated with the queue, one
+//!   slot of [`MAX_SEGMENTS`] entries per head: a head is outstanding at most
+//!   once, so its slot is free whenever the head is, and no request allocates.
 //! - Each segment's WRITE flag comes from its DMA buffer's type
 //!   ([`crate::dma`]); the queue takes a pool reference on every buffer it
 //!   posts and gives it back when the chain completes (or the device is reset),
@@ -25,7 +28,7 @@
 use core::fmt;
 use core::sync::atomic::{Ordering, fence};
 
-use crate::dma::{Coherent, DmaBuf, DmaError, DmaPool, Segment, ToDevice};
+use crate::dma::{Coherent, DmaBuf, DmaError, DmaPool, Segment};
 
 /// Largest queue size the driver uses.
 pub const MAX_SIZE: u16 = 64;
@@ -48,7 +51,7 @@ pub enum QueueError {
     SegmentCount(usize),
     /// Not enough free descriptors.
     Full,
-    /// DMA memory for the ring or an indirect table.
+    /// DMA memory for the ring or the indirect tables.
     Dma(DmaError),
     /// A segment of length 0.
     EmptySegment,
@@ -83,8 +86,6 @@ impl From<DmaError> for QueueError {
 pub struct QueueStats {
     /// Chains made available.
     pub submitted: u64,
-    /// Chains the device returned.
-    pub completed: u64,
     /// Chains that went through an indirect table.
     pub indirect: u64,
     /// Submissions after which the device asked to be notified.
@@ -139,16 +140,32 @@ impl Default for SegmentList<'_> {
 
 /// An outstanding chain.
 #[derive(Debug)]
-struct Chain<'p> {
+struct Chain {
     /// Pool slots of the posted buffers.
     slots: [u16; MAX_SEGMENTS],
     segments: usize,
     /// Ring descriptors the chain took (one when indirect), in order.
     descs: [u16; MAX_SEGMENTS],
     descriptors: usize,
-    table: Option<DmaBuf<'p, ToDevice>>,
     /// The used length once completed.
     done: Option<u32>,
+}
+
+/// Writes descriptor `index` of the table in `buf` (the ring's own or an
+/// indirect one).
+fn write_desc(
+    buf: &DmaBuf<'_, Coherent>,
+    index: usize,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    let at = index * DESC_SIZE;
+    buf.store_u64(at, addr);
+    buf.store_u32(at + 8, len);
+    buf.store_u16(at + 12, flags);
+    buf.store_u16(at + 14, next);
 }
 
 /// A split virtqueue, driver side.
@@ -156,19 +173,20 @@ struct Chain<'p> {
 pub struct Virtqueue<'p> {
     pool: &'p DmaPool,
     ring: DmaBuf<'p, Coherent>,
+    /// Indirect tables, one slot per head (with INDIRECT_DESC only).
+    tables: Option<DmaBuf<'p, Coherent>>,
     size: u16,
     avail_offset: usize,
     used_offset: usize,
     free_head: u16,
     free: u16,
     next: [u16; MAX_SIZE as usize],
-    chains: [Option<Chain<'p>>; MAX_SIZE as usize],
+    chains: [Option<Chain>; MAX_SIZE as usize],
     avail_idx: u16,
     /// Available index at the last notification decision.
     kicked_idx: u16,
     last_used: u16,
     event_idx: bool,
-    indirect: bool,
     stats: QueueStats,
 }
 
@@ -186,6 +204,11 @@ impl<'p> Virtqueue<'p> {
         let avail_offset = DESC_SIZE * n;
         let used_offset = (avail_offset + 6 + 2 * n).next_multiple_of(4);
         let ring = pool.alloc_coherent(used_offset + 6 + 8 * n)?;
+        let tables = if indirect {
+            Some(pool.alloc_coherent(n * MAX_SEGMENTS * DESC_SIZE)?)
+        } else {
+            None
+        };
         let mut next = [NONE; MAX_SIZE as usize];
         for (i, link) in next.iter_mut().enumerate().take(n - 1) {
             *link = i as u16 + 1;
@@ -193,6 +216,7 @@ impl<'p> Virtqueue<'p> {
         Ok(Virtqueue {
             pool,
             ring,
+            tables,
             size,
             avail_offset,
             used_offset,
@@ -204,7 +228,6 @@ impl<'p> Virtqueue<'p> {
             kicked_idx: 0,
             last_used: 0,
             event_idx,
-            indirect,
             stats: QueueStats::default(),
         })
     }
@@ -231,11 +254,7 @@ impl<'p> Virtqueue<'p> {
     }
 
     fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = usize::from(index) * DESC_SIZE;
-        self.ring.store_u64(at, addr);
-        self.ring.store_u32(at + 8, len);
-        self.ring.store_u16(at + 12, flags);
-        self.ring.store_u16(at + 14, next);
+        write_desc(&self.ring, usize::from(index), addr, len, flags, next);
     }
 
     fn take_descriptor(&mut self) -> u16 {
@@ -258,7 +277,7 @@ impl<'p> Virtqueue<'p> {
         if segments().any(|s| s.len == 0) {
             return Err(QueueError::EmptySegment);
         }
-        let indirect = self.indirect && count > INDIRECT_ABOVE;
+        let indirect = self.tables.is_some() && count > INDIRECT_ABOVE;
         let needed = if indirect { 1 } else { count as u16 };
         if self.free < needed {
             return Err(QueueError::Full);
@@ -268,7 +287,6 @@ impl<'p> Virtqueue<'p> {
             segments: count,
             descs: [NONE; MAX_SEGMENTS],
             descriptors: usize::from(needed),
-            table: None,
             done: None,
         };
         let flags = |s: &Segment<'_>, last: bool| {
@@ -276,27 +294,20 @@ impl<'p> Virtqueue<'p> {
         };
         let head;
         if indirect {
-            let mut table: DmaBuf<'p, ToDevice> = self.pool.alloc(DESC_SIZE * count)?;
-            for (i, s) in segments().enumerate() {
-                let mut d = [0u8; DESC_SIZE];
-                d[..8].copy_from_slice(&s.addr.to_le_bytes());
-                d[8..12].copy_from_slice(&s.len.to_le_bytes());
-                d[12..14].copy_from_slice(&flags(s, i + 1 == count).to_le_bytes());
-                let next = if i + 1 == count { 0 } else { i as u16 + 1 };
-                d[14..].copy_from_slice(&next.to_le_bytes());
-                table.write_at(i * DESC_SIZE, &d)?;
-            }
-            table.sync_to_device();
             head = self.take_descriptor();
-            self.write_desc(
-                head,
-                table.addr(),
-                (DESC_SIZE * count) as u32,
-                DESC_F_INDIRECT,
-                0,
-            );
+            // The head's own slot of the table area (`indirect` implies it).
+            let base = usize::from(head) * MAX_SEGMENTS;
+            let mut table = 0;
+            if let Some(tables) = &self.tables {
+                for (i, s) in segments().enumerate() {
+                    let last = i + 1 == count;
+                    let next = if last { 0 } else { i as u16 + 1 };
+                    write_desc(tables, base + i, s.addr, s.len, flags(s, last), next);
+                }
+                table = tables.addr() + (base * DESC_SIZE) as u64;
+            }
+            self.write_desc(head, table, (DESC_SIZE * count) as u32, DESC_F_INDIRECT, 0);
             chain.descs[0] = head;
-            chain.table = Some(table);
             self.stats.indirect += 1;
         } else {
             let descs: [u16; MAX_SEGMENTS] = core::array::from_fn(|i| {
@@ -376,7 +387,6 @@ impl<'p> Virtqueue<'p> {
                 .filter(|c| c.done.is_none())
                 .ok_or(QueueError::BadUsedId(id))?;
             chain.done = Some(len);
-            self.stats.completed += 1;
         }
         if self.event_idx {
             let used_event = self.avail_offset + 4 + 2 * n;
@@ -409,7 +419,6 @@ impl<'p> Virtqueue<'p> {
             self.free_head = d;
             self.free += 1;
         }
-        // `chain.table` drops here: the device is done with it.
     }
 
     /// After the device was reset: every outstanding chain is given up and
