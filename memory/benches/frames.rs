@@ -60,11 +60,59 @@ fn bench_alloc(c: &mut Criterion) {
     });
 }
 
+/// Pinned lengths: a sector's page up to a quarter of a GiB.
+const PIN_SIZES: [(&str, u64); 4] = [
+    ("4k", 4 << 10),
+    ("64k", 64 << 10),
+    ("1m", 1 << 20),
+    ("256m", 256 << 20),
+];
+
 fn bench_pin(c: &mut Criterion) {
-    let g = GuestFrames::new(256 << 20, Backing::Anonymous).unwrap();
-    c.bench_function("pin_unpin_64k", |b| {
-        b.iter(|| drop(g.pin(black_box(GuestAddress(0x10_0000)), 64 << 10).unwrap()))
-    });
+    let g = GuestFrames::new(512 << 20, Backing::Anonymous).unwrap();
+    for (name, len) in PIN_SIZES {
+        c.bench_function(&format!("pin_unpin_{name}"), |b| {
+            b.iter(|| drop(g.pin(black_box(GuestAddress(0x10_0000)), len).unwrap()))
+        });
+    }
+    // Side by side, alternating rounds: the cost of a pin must not depend on
+    // its length (one count per 1 GiB section).
+    let rounds = if std::env::args().any(|a| a == "--bench") {
+        31
+    } else {
+        3
+    };
+    let per_round = 20_000u32;
+    let mut ns = vec![Vec::new(); PIN_SIZES.len()];
+    for _ in 0..rounds {
+        for (i, &(_, len)) in PIN_SIZES.iter().enumerate() {
+            let t = std::time::Instant::now();
+            for _ in 0..per_round {
+                drop(g.pin(black_box(GuestAddress(0x10_0000)), len).unwrap());
+            }
+            ns[i].push(t.elapsed().as_nanos() as f64 / f64::from(per_round));
+        }
+    }
+    let medians: Vec<f64> = ns
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect();
+    let (lo, hi) = medians
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+    let shown: Vec<String> = PIN_SIZES
+        .iter()
+        .zip(&medians)
+        .map(|(&(name, _), m)| format!("{name} {m:.1} ns"))
+        .collect();
+    println!(
+        "pin+unpin side by side: {}; slowest/fastest {:.2}",
+        shown.join(", "),
+        hi / lo
+    );
 }
 
 criterion_group!(benches, bench_alloc, bench_pin);

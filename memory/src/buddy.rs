@@ -5,16 +5,26 @@
 //! aligned to their size in *physical* frame numbers and never cross a RAM range
 //! boundary, so an order-9 block is a 2 MiB-aligned 2 MiB page.
 //!
-//! `alloc` and `free` touch O(MAX_ORDER) metadata entries, plus, for `free`, one
-//! read per frame of the freed block to refuse freeing pinned memory (pins are
-//! taken lock-free through a shared copy of the table, so the allocator has no
-//! cheaper summary of them). `reserve`, `alloc_range` and `free_range` walk the blocks of the range
-//! they work on. Nothing allocates heap memory. Every error leaves the allocator
-//! exactly as it was.
+//! `alloc` and `free` touch O(MAX_ORDER) metadata entries and, for `free`, the
+//! pin count of the block's section. `reserve`, `alloc_range` and `free_range`
+//! walk the blocks of the range they work on. Nothing allocates heap memory.
+//! Every error leaves the allocator's blocks and statistics exactly as they were.
+//!
+//! Building the allocator writes no metadata: every 4 MiB window starts
+//! untouched (see `table`), its canonical blocks free but on no list. The
+//! statistics are computed from the layout. A window is *touched* the first time
+//! the allocator needs one of its blocks: `alloc` when the lists run dry (the
+//! highest untouched window first, so allocations come from the top of RAM as
+//! they did when every block was listed), `reserve` and `alloc_range` for the
+//! windows they carve. Touching writes the window's block heads, puts them on
+//! the free lists and sets the window's bit; nothing else changes, so the blocks
+//! the table reports are the same before and after.
 
 use crate::addr::{FrameNumber, FrameRange};
 use crate::meta::{FrameFlags, FrameMeta, NO_LINK};
-use crate::table::{self, Block, FrameTable, MAX_ORDER};
+use crate::table::{
+    self, Block, FrameTable, MAX_ORDER, MAX_RANGES, canonical_block, largest_order, window_of,
+};
 
 /// Number of free lists.
 const ORDERS: usize = MAX_ORDER as usize + 1;
@@ -102,28 +112,35 @@ pub struct FrameAllocator<S> {
     /// Metadata index of the first block on each free list.
     heads: [u64; ORDERS],
     stats: Stats,
+    /// Per range: every window starting at or above this frame is touched.
+    untouched_below: [u64; MAX_RANGES],
 }
 
 impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
     /// An allocator whose RAM is `ranges`, every frame free. `meta` holds one
-    /// entry per frame of the ranges (in order); it is reset.
+    /// entry per frame of the ranges (in order), all zero (see
+    /// [`FrameTable::new`]). Nothing is written: O(ranges + RAM / 4 MiB)
+    /// arithmetic for the statistics.
     pub fn new(ranges: &[FrameRange], meta: S) -> Result<Self, Error> {
         let table = FrameTable::new(ranges, meta)?;
-        let mut this = FrameAllocator {
-            table,
-            heads: [NO_LINK; ORDERS],
-            stats: Stats::default(),
-        };
-        for ri in 0..this.table.map().ranges().count() {
-            let range = this.table.map().range_at(ri);
+        let mut stats = Stats::default();
+        let mut untouched_below = [0; MAX_RANGES];
+        for (ri, range) in table.map().ranges().enumerate() {
             let mut f = range.start.0;
             while f < range.end.0 {
                 let order = largest_order(f, range.end.0 - f);
-                this.push_free(FrameNumber(f), order, ri);
+                stats.free += 1 << order;
+                stats.free_blocks[order as usize] += 1;
                 f += 1 << order;
             }
+            untouched_below[ri] = range.end.0;
         }
-        Ok(this)
+        Ok(FrameAllocator {
+            table,
+            heads: [NO_LINK; ORDERS],
+            stats,
+            untouched_below,
+        })
     }
 
     /// The frame table (metadata, pins, dirty frames).
@@ -141,9 +158,14 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
         if order > MAX_ORDER {
             return Err(Error::InvalidOrder(order));
         }
-        let Some(have) = (order..=MAX_ORDER).find(|&o| self.heads[o as usize] != NO_LINK) else {
-            self.stats.failed_allocations += 1;
-            return Err(Error::OutOfMemory(order));
+        let have = loop {
+            if let Some(have) = (order..=MAX_ORDER).find(|&o| self.heads[o as usize] != NO_LINK) {
+                break have;
+            }
+            if !self.touch_highest_window() {
+                self.stats.failed_allocations += 1;
+                return Err(Error::OutOfMemory(order));
+            }
         };
         let index = self.heads[have as usize] as usize;
         let head = self.table.map().frame_at(index);
@@ -174,7 +196,7 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
                 requested: order,
             });
         }
-        if self.table.is_block_pinned(&block) {
+        if self.table.is_range_pinned(&block.frames()) {
             return Err(Error::Pinned(frame));
         }
         self.release(block);
@@ -231,6 +253,9 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             }
             f = block.frames().end;
         }
+        if flags.contains(FrameFlags::POISONED) {
+            self.table.mark_poisoned_sections(&range);
+        }
         self.carve(range, flags, false);
         Ok(())
     }
@@ -252,7 +277,7 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             if !block.flags.contains(mark) || block.frames().end > range.end {
                 return Err(Error::NotARange(range.start));
             }
-            if self.table.is_block_pinned(&block) {
+            if self.table.is_range_pinned(&block.frames()) {
                 return Err(Error::Pinned(f));
             }
             f = block.frames().end;
@@ -275,15 +300,20 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
 
     /// Checks every invariant of the allocator against its metadata, O(frames):
     /// blocks tile RAM, are aligned and inside one range; interior frames are not
-    /// heads; the free lists hold exactly the FREE heads of their order, correctly
-    /// linked; the statistics agree with the metadata. For tests and fuzzing.
+    /// heads; untouched windows hold only zero metadata; the free lists hold
+    /// exactly the listed FREE heads of their order, correctly linked; poisoned
+    /// frames are flagged on their section; the statistics agree with the
+    /// metadata. For tests and fuzzing.
     pub fn check_consistency(&self) -> Result<(), &'static str> {
         let map = self.table.map();
         let (mut free, mut allocated, mut reserved) = (0, 0, 0);
         let mut free_blocks = [0u64; ORDERS];
+        let mut listed = [0u64; ORDERS];
         for block in self.table.blocks() {
+            let ri = map.range_index(block.start).ok_or("block outside RAM")?;
+            let touched = self.table.is_window_touched(ri, block.start);
             let meta = self.table.meta(block.start).ok_or("block outside RAM")?;
-            if !meta.is_head() || block.order > MAX_ORDER {
+            if touched && (!meta.is_head() || block.order > MAX_ORDER) {
                 return Err("frame at a block boundary is not a head");
             }
             let frames = block.frames();
@@ -296,28 +326,42 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             {
                 return Err("block crosses a range boundary");
             }
-            if (block.start.0 + 1..frames.end.0).any(|f| {
+            let first = if touched {
+                block.start.0 + 1
+            } else {
+                block.start.0
+            };
+            if (first..frames.end.0).any(|f| {
                 self.table
                     .meta(FrameNumber(f))
                     .is_some_and(FrameMeta::is_head)
             }) {
                 return Err("interior frame marked as a head");
             }
+            if !touched && frames.end.0 > self.untouched_below[ri] {
+                return Err("untouched window above the touch cursor");
+            }
             let n = 1u64 << block.order;
             match block.flags.state() {
                 s if s == FrameFlags::FREE => {
                     free += n;
                     free_blocks[block.order as usize] += 1;
+                    if touched {
+                        listed[block.order as usize] += 1;
+                    }
                 }
                 s if s == FrameFlags::ALLOCATED => allocated += n,
+                s if s == FrameFlags::POISONED => {
+                    if !self.table.anchor(ri, block.start.0).section_poisoned() {
+                        return Err("poisoned frame in a section not marked poisoned");
+                    }
+                    reserved += n;
+                }
                 s if s.is_valid_owned() => reserved += n,
                 _ => return Err("head with an invalid state"),
             }
-            if block.flags.intersects(FrameFlags::OWNED_MASK) && meta.refcount() == 0 {
-                return Err("owned block without its owner reference");
-            }
         }
-        for (order, (&head, &expected)) in self.heads.iter().zip(&free_blocks).enumerate() {
+        for (order, (&head, &expected)) in self.heads.iter().zip(&listed).enumerate() {
             let (mut index, mut prev, mut count) = (head, NO_LINK, 0u64);
             while index != NO_LINK {
                 let m = self
@@ -455,6 +499,12 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
     /// blocks and the parts outside go back on the free lists. With `mark`, the
     /// blocks are tagged as one range allocation for `free_range`.
     fn carve(&mut self, range: FrameRange, flags: FrameFlags, mark: bool) {
+        let mut w = range.start.0;
+        while w < range.end.0 {
+            let ri = self.table.map().range_index(FrameNumber(w)).expect("RAM");
+            self.touch_window(ri, w);
+            w = window_of(w).1.min(self.table.map().range_at(ri).end.0);
+        }
         let mut f = range.start;
         while f < range.end {
             let block = self.table.block_containing(f).expect("free RAM");
@@ -510,6 +560,14 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
 
     /// Puts the block of `2^order` frames at `head` (in range `ri`) on its list.
     fn push_free(&mut self, head: FrameNumber, order: u32, ri: usize) {
+        self.link(head, order, ri);
+        self.stats.free += 1 << order;
+        self.stats.free_blocks[order as usize] += 1;
+    }
+
+    /// Makes `head` a FREE head and links it on its list; the statistics
+    /// already count it (it was free but untouched) or the caller counts it.
+    fn link(&mut self, head: FrameNumber, order: u32, ri: usize) {
         let index = self.table.map().index_in(ri, head) as u64;
         let m = self.table.meta_at(index as usize);
         let old = self.heads[order as usize];
@@ -520,8 +578,45 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             self.table.meta_at(old as usize).set_prev(index);
         }
         self.heads[order as usize] = index;
-        self.stats.free += 1 << order;
-        self.stats.free_blocks[order as usize] += 1;
+    }
+
+    /// Gives the window holding `frame` (of range `ri`) explicit metadata if it
+    /// has none: each of its canonical blocks becomes a listed FREE head.
+    fn touch_window(&mut self, ri: usize, frame: u64) {
+        if self.table.is_window_touched(ri, FrameNumber(frame)) {
+            return;
+        }
+        let range = self.table.map().range_at(ri);
+        let (start, end) = window_of(frame);
+        let (start, end) = (start.max(range.start.0), end.min(range.end.0));
+        let mut f = start;
+        while f < end {
+            let (head, order) = canonical_block(range, f);
+            debug_assert_eq!(head, f);
+            self.link(FrameNumber(head), order, ri);
+            f += 1 << order;
+        }
+        // After the heads: a reader that sees the bit sees them.
+        self.table.mark_window_touched(ri, start);
+    }
+
+    /// Touches the highest untouched window of RAM, if any is left; false when
+    /// every window is touched.
+    fn touch_highest_window(&mut self) -> bool {
+        for ri in (0..self.table.map().range_count()).rev() {
+            match self
+                .table
+                .highest_untouched_window(ri, self.untouched_below[ri])
+            {
+                Some((start, _)) => {
+                    self.touch_window(ri, start);
+                    self.untouched_below[ri] = start;
+                    return true;
+                }
+                None => self.untouched_below[ri] = self.table.map().range_at(ri).start.0,
+            }
+        }
+        false
     }
 
     /// Takes the free block at metadata `index` off the order-`order` list.
@@ -552,17 +647,6 @@ impl<S> core::fmt::Debug for FrameAllocator<S> {
     }
 }
 
-/// The largest order of a block at frame `f` that is aligned and fits in `room`.
-fn largest_order(f: u64, room: u64) -> u32 {
-    let align_order = if f == 0 {
-        MAX_ORDER
-    } else {
-        f.trailing_zeros().min(MAX_ORDER)
-    };
-    let room_order = 63 - room.leading_zeros();
-    align_order.min(room_order)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,15 +658,18 @@ mod tests {
         FrameAllocator::new(ranges, meta_for(ranges)).unwrap()
     }
 
-    /// Everything observable: statistics, blocks, reference counts.
-    fn snapshot(a: &FrameAllocator<Vec<FrameMeta>>) -> (Stats, Vec<Block>, Vec<u32>) {
-        let refs = a
-            .table()
+    /// Everything observable: statistics, blocks, pins.
+    fn snapshot(a: &FrameAllocator<Vec<FrameMeta>>) -> (Stats, Vec<Block>, u64) {
+        (a.stats(), a.table().blocks().collect(), a.table().pins())
+    }
+
+    /// Metadata entries that are not all zero.
+    fn written(a: &FrameAllocator<Vec<FrameMeta>>) -> usize {
+        a.table()
             .metadata()
             .iter()
-            .map(FrameMeta::refcount)
-            .collect();
-        (a.stats(), a.table().blocks().collect(), refs)
+            .filter(|m| m.is_head() || m.order() != 0 || (0..4).any(|w| m.window_word(w) != 0))
+            .count()
     }
 
     /// Runs `op`, which must fail with `expected` and change nothing.
@@ -643,7 +730,11 @@ mod tests {
         for order in [9, 3, 0, 5, 9] {
             let f = a.alloc(order).unwrap();
             assert_eq!(f.0 % (1 << order), 0);
-            assert_eq!(a.table().meta(f).unwrap().refcount(), 1);
+            let b = a.table().block_containing(f).unwrap();
+            assert_eq!(
+                (b.start, b.order, b.flags),
+                (f, order, FrameFlags::ALLOCATED)
+            );
         }
         a.check_consistency().unwrap();
     }
@@ -736,7 +827,7 @@ mod tests {
             .table()
             .pin_frames(PhysAddr(f.addr().0 + 0x2000), 1)
             .unwrap();
-        assert!(a.table().meta(pin.start).unwrap().is_pinned());
+        assert!(a.table().is_range_pinned(&pin));
         let before = snapshot(&a);
         assert_eq!(a.free(f, 2).unwrap_err(), Error::Pinned(f));
         assert_eq!(before, snapshot(&a));
@@ -967,6 +1058,95 @@ mod tests {
         assert_eq!(r.start.0 % 8, 0);
         a.free_range(r).unwrap();
         assert_eq!(a.stats().free_blocks[MAX_ORDER as usize], 2);
+        a.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn new_writes_no_metadata_and_counts_the_canonical_blocks() {
+        let ranges = [fr(3, 5000), fr(6000, 6000 + 3 * 1024)];
+        let a = allocator(&ranges);
+        assert_eq!(written(&a), 0);
+        assert_eq!(a.stats().free, 4997 + 3 * 1024);
+        assert_eq!(a.stats().free_blocks[MAX_ORDER as usize], 3 + 2);
+        a.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn alloc_touches_one_window_at_the_top_of_ram() {
+        let w = table::WINDOW_FRAMES;
+        let mut a = allocator(&[fr(0, 8 * w)]);
+        let f = a.alloc(0).unwrap();
+        assert!(f.0 >= 7 * w, "from the highest window: {f}");
+        assert_eq!(
+            written(&a),
+            12,
+            "the anchor, the block and ten split-off heads"
+        );
+        a.check_consistency().unwrap();
+        a.free(f, 0).unwrap();
+        a.check_consistency().unwrap();
+        assert_eq!(a.stats().free_blocks[MAX_ORDER as usize], 8);
+    }
+
+    #[test]
+    fn reserve_touches_only_the_windows_it_overlaps() {
+        let w = table::WINDOW_FRAMES;
+        let mut a = allocator(&[fr(0, 16 * w)]);
+        a.reserve(fr(5 * w - 2, 5 * w + 2), FrameFlags::RESERVED)
+            .unwrap();
+        let touched: Vec<u64> = (0..16)
+            .filter(|&i| a.table().is_window_touched(0, FrameNumber(i * w)))
+            .collect();
+        assert_eq!(touched, [4, 5]);
+        a.check_consistency().unwrap();
+        // Everything else stays allocatable.
+        let mut n = 0;
+        while a.alloc(MAX_ORDER).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 14);
+        a.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn untouched_windows_are_allocated_from_before_failing() {
+        // Two ranges with an unaligned edge window each.
+        let mut a = allocator(&[fr(3, 1024 + 9), fr(4096, 4096 + 1030)]);
+        let total = a.stats().free;
+        let mut got = 0;
+        while a.alloc(0).is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, total);
+        assert_eq!(a.alloc(0).unwrap_err(), Error::OutOfMemory(0));
+        a.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn alloc_range_in_untouched_memory_leaves_far_windows_untouched() {
+        let w = table::WINDOW_FRAMES;
+        let mut a = allocator(&[fr(0, 64 * w)]);
+        let r = a
+            .alloc_range(10, 1, FrameNumber(3 * w), FrameFlags::KERNEL)
+            .unwrap();
+        assert_eq!(r, fr(3 * w - 10, 3 * w));
+        assert!(a.table().is_window_touched(0, FrameNumber(2 * w)));
+        assert!(!a.table().is_window_touched(0, FrameNumber(40 * w)));
+        a.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn pin_in_a_poisoned_section_checks_frames_others_do_not() {
+        let mut a = allocator(&[fr(0, 64)]);
+        a.reserve(fr(40, 41), FrameFlags::POISONED).unwrap();
+        let pin = a.table().pin(FrameNumber(0).addr(), 0x10000).unwrap();
+        assert_eq!(a.table().pins(), 1);
+        drop(pin);
+        assert_eq!(
+            a.table().pin(FrameNumber(39).addr(), 0x3000).unwrap_err(),
+            table::Error::Poisoned(FrameNumber(40))
+        );
+        assert_eq!(a.table().pins(), 0);
         a.check_consistency().unwrap();
     }
 }

@@ -5,7 +5,13 @@
 //! process later), together with the frame allocator over the same frames. The
 //! VMM places every boot structure by allocating frames with a [`Purpose`]; the
 //! e820 map is derived from the frame metadata. Devices take [`PinGuard`]s on the
-//! guest buffers of in-flight requests and mark the frames they write dirty.
+//! guest buffers of in-flight requests and mark the frames they write dirty in a
+//! [`DirtyLog`].
+//!
+//! The metadata and the dirty log live in [`ZeroedSlice`]s: memory that costs
+//! nothing until written. Building a `GuestFrames` writes neither, so its cost
+//! does not grow with the guest's RAM; pins touch one counter per 1 GiB
+//! section, dirty marking one bit per frame.
 //!
 //! Frames the allocator still holds as FREE once the guest runs are the guest's
 //! own RAM: the host allocates only while it builds the VM.
@@ -13,6 +19,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::vec::Vec;
 
@@ -21,11 +28,13 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::addr::{FrameNumber, FrameRange, PAGE_SIZE, PhysAddr};
 use crate::buddy::{self, FrameAllocator, Stats};
+use crate::dirty::DirtyLog;
 use crate::layout::{self, MAX_RAM};
 use crate::meta::{FrameFlags, FrameMeta};
 use crate::table::{self, FrameTable};
+use crate::zeroed::ZeroedSlice;
 
-type SharedMeta = Arc<[FrameMeta]>;
+type SharedMeta = ZeroedSlice<FrameMeta>;
 
 /// Errors of `GuestFrames`.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +48,9 @@ pub enum Error {
     /// The memfd backing could not be created.
     #[error("Cannot create the guest RAM memfd")]
     Memfd(#[source] io::Error),
+    /// The frame metadata or dirty log could not be mapped.
+    #[error("Cannot map the frame metadata")]
+    Metadata(#[source] io::Error),
     /// Mapping guest RAM failed.
     #[error("Cannot map guest RAM")]
     Mmap(#[source] FromRangesError),
@@ -147,6 +159,9 @@ pub struct GuestFrames {
     memory: GuestMemoryMmap,
     table: Arc<FrameTable<SharedMeta>>,
     allocator: Mutex<FrameAllocator<SharedMeta>>,
+    dirty: DirtyLog<ZeroedSlice<AtomicU64>>,
+    meta: SharedMeta,
+    dirty_words: ZeroedSlice<AtomicU64>,
     size: u64,
 }
 
@@ -181,13 +196,21 @@ impl GuestFrames {
             .iter()
             .map(|&(addr, len)| FrameRange::covering(addr.into(), len).expect("layout fits"))
             .collect();
-        let meta = zeroed_meta((size / PAGE_SIZE) as usize);
+        let meta = SharedMeta::new((size / PAGE_SIZE) as usize).map_err(Error::Metadata)?;
         let allocator = FrameAllocator::new(&frame_ranges, meta.clone()).map_err(Error::Frames)?;
         let table = Arc::new(allocator.table().clone());
+        let map = *table.map();
+        let dirty_words = ZeroedSlice::new(DirtyLog::<ZeroedSlice<AtomicU64>>::words_for(&map))
+            .map_err(Error::Metadata)?;
+        let dirty = DirtyLog::new(map, dirty_words.clone())
+            .map_err(|e| Error::Frames(buddy::Error::Table(e)))?;
         Ok(GuestFrames {
             memory,
             table,
             allocator: Mutex::new(allocator),
+            dirty,
+            meta,
+            dirty_words,
             size,
         })
     }
@@ -297,6 +320,13 @@ impl GuestFrames {
         })
     }
 
+    /// Whether `[addr, addr + len)` is non-empty, does not wrap, and is
+    /// contiguous guest RAM (no hole inside).
+    #[inline]
+    pub fn is_ram(&self, addr: GuestAddress, len: u64) -> bool {
+        self.table.ram_range(addr.into(), len).is_ok()
+    }
+
     /// An empty [`PinSet`] on these frames.
     pub fn pin_set(&self) -> PinSet {
         PinSet {
@@ -306,16 +336,24 @@ impl GuestFrames {
     }
 
     /// Marks the frames of `[addr, addr + len)` dirty.
+    #[inline]
     pub fn mark_dirty(&self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
-        self.table.mark_dirty(addr.into(), len)
+        self.dirty.mark(addr.into(), len)
     }
 
     /// Returns the dirty ranges `(start, bytes)` and clears them.
     pub fn take_dirty(&self) -> Vec<(GuestAddress, u64)> {
         let mut out = Vec::new();
-        self.table
-            .take_dirty(|r| out.push((r.start.addr().into(), r.bytes())));
+        self.dirty
+            .take(|r| out.push((r.start.addr().into(), r.bytes())));
         out
+    }
+
+    /// Bytes of the VMM's own per-frame state (frame metadata, pin counters,
+    /// dirty log) the kernel has populated: what this guest's RAM costs the
+    /// VMM beyond the guest's pages. Page-granular, from `mincore`.
+    pub fn state_resident_bytes(&self) -> io::Result<u64> {
+        Ok(self.meta.resident_bytes()? + self.dirty_words.resident_bytes()?)
     }
 
     fn allocator(&self) -> MutexGuard<'_, FrameAllocator<SharedMeta>> {
@@ -404,16 +442,6 @@ impl std::fmt::Debug for PinSet {
             .field("ranges", &self.ranges)
             .finish()
     }
-}
-
-/// One zeroed `FrameMeta` per frame. Zeroed pages stay unpopulated until
-/// touched, so a large guest's metadata costs memory only where it is used.
-fn zeroed_meta(frames: usize) -> SharedMeta {
-    let uninit = Arc::<[FrameMeta]>::new_zeroed_slice(frames);
-    // SAFETY: FrameMeta is repr(C) and made only of atomic integers, plain
-    // integers and padding arrays, for all of which all-zero bits are a valid
-    // value (the "reset" state: no flags, no references, no order).
-    unsafe { uninit.assume_init() }
 }
 
 fn memfd(size: u64) -> io::Result<File> {
@@ -606,11 +634,11 @@ mod tests {
         assert_eq!(guard.frames().len(), 2);
         assert!(g.table().is_pinned(PhysAddr(0x4000), 1).unwrap());
         let second = g.pin(GuestAddress(0x4000), 1).unwrap();
-        assert_eq!(g.table().meta(FrameNumber(4)).unwrap().refcount(), 2);
+        assert_eq!(g.table().pins(), 2);
         drop(guard);
         assert!(g.table().is_pinned(PhysAddr(0x4000), 1).unwrap());
         drop(second);
-        assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
+        assert_eq!(g.table().pins(), 0);
     }
 
     #[test]
@@ -623,14 +651,14 @@ mod tests {
         set.pin(GuestAddress(0x4000), 1).unwrap();
         assert!(set.pin(GuestAddress(0), 0).is_err());
         assert_eq!(set.len(), 2);
-        assert_eq!(g.table().meta(FrameNumber(4)).unwrap().refcount(), 2);
+        assert_eq!(g.table().pins(), 2);
         set.clear();
         assert!(set.is_empty());
-        assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
+        assert_eq!(g.table().pins(), 0);
         set.pin(GuestAddress(0x8000), 0x1000).unwrap();
         assert!(g.table().is_pinned(PhysAddr(0x8000), 1).unwrap());
         drop(set);
-        assert!(g.table().metadata().iter().all(|m| m.refcount() == 0));
+        assert_eq!(g.table().pins(), 0);
     }
 
     #[test]
@@ -674,5 +702,71 @@ mod tests {
             ]
         );
         assert!(g.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn new_guest_costs_no_state_memory_whatever_its_size() {
+        for size in [128 * MIB, 16 << 30, MAX_RAM] {
+            let g = frames(size);
+            let resident = g.state_resident_bytes().unwrap();
+            assert!(
+                resident <= 4 * PAGE_SIZE,
+                "{size:#x}: {resident} bytes of metadata populated by new()"
+            );
+        }
+    }
+
+    #[test]
+    fn booting_a_large_guest_touches_only_what_it_places() {
+        let g = frames(MAX_RAM);
+        g.place_at(Purpose::Firmware, GuestAddress(0x9f000), 0x61000)
+            .unwrap();
+        g.place_at(Purpose::Kernel, GuestAddress(0x100000), 32 * MIB)
+            .unwrap();
+        for purpose in [Purpose::Cmdline, Purpose::BootParams, Purpose::Gdt] {
+            g.place(purpose, 4096, 4096, GuestAddress(0x9f000)).unwrap();
+        }
+        let e820 = g.e820_map();
+        assert_eq!(e820.last().unwrap().kind, E820Kind::Ram);
+        assert_eq!(
+            e820.iter().map(|e| e.size).sum::<u64>(),
+            MAX_RAM,
+            "every byte of RAM described"
+        );
+        let resident = g.state_resident_bytes().unwrap();
+        // The first windows' metadata, written; and the e820 walk reads each
+        // section's anchor (one page per GiB, mapped to the zero page: address
+        // space, not memory, but mincore counts it).
+        let sections = MAX_RAM / (table::SECTION_FRAMES * PAGE_SIZE);
+        assert!(
+            resident <= MIB + sections * PAGE_SIZE,
+            "{resident} bytes populated"
+        );
+    }
+
+    #[test]
+    fn dma_into_every_frame_costs_one_bit_per_frame() {
+        let size = 4u64 << 30;
+        let g = frames(size);
+        let mut set = g.pin_set();
+        // Every frame pinned and marked dirty, as devices writing all of RAM
+        // in 1 MiB buffers would.
+        for (start, len) in layout::ram_ranges(size) {
+            for offset in (0..len).step_by(MIB as usize) {
+                let a = GuestAddress(start.0 + offset);
+                set.pin(a, MIB).unwrap();
+                g.mark_dirty(a, MIB).unwrap();
+            }
+        }
+        assert_eq!(g.table().pins(), size / MIB);
+        set.clear();
+        let resident = g.state_resident_bytes().unwrap();
+        let bitmap = size / PAGE_SIZE / 8;
+        assert!(
+            resident <= bitmap + 16 * PAGE_SIZE,
+            "{resident} bytes of state for {bitmap} bytes of dirty bits"
+        );
+        let dirty = g.take_dirty();
+        assert_eq!(dirty.iter().map(|d| d.1).sum::<u64>(), size);
     }
 }

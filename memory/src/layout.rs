@@ -13,8 +13,10 @@ use vm_memory::GuestAddress;
 pub const MMIO_HOLE_START: u64 = 0x8000_0000;
 /// One past the last byte of the hole: where high RAM starts.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
-/// Largest guest RAM minivmm accepts (its frame metadata is 1/64 of it).
-pub const MAX_RAM: u64 = 64 << 30;
+/// Largest guest RAM minivmm accepts. Its frame metadata (1/64 of it) and dirty
+/// log (1/32768) are address space until used, so this is bounded by what the
+/// host can map, not by what the VMM keeps.
+pub const MAX_RAM: u64 = 1 << 40;
 
 /// The RAM ranges `(start, size)` of a guest with `size` bytes of RAM.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {

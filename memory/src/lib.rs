@@ -2,8 +2,10 @@
 //!
 //! minivmm owns guest physical memory frame by frame: a buddy [`FrameAllocator`]
 //! over RAM ranges with holes, 64 bytes of [`FrameMeta`] per 4 KiB frame
-//! (reference count, flags, buddy order, free-list links), DMA pins and dirty
-//! marking through the [`FrameTable`].
+//! (flags, buddy order, free-list links; per-section pin counts), DMA pins
+//! through the [`FrameTable`], and a [`DirtyLog`] of frames devices wrote.
+//! Metadata is committed on use: all zero is the default state, and building
+//! the allocator writes nothing.
 //!
 //! The core is `no_std` + `alloc`-free so the test guest kernel links the same
 //! allocator (`default-features = false`). With the default `std` feature the
@@ -20,6 +22,7 @@ extern crate std;
 
 pub mod addr;
 pub mod buddy;
+pub mod dirty;
 pub mod meta;
 pub mod table;
 
@@ -31,9 +34,12 @@ pub mod io;
 pub mod layout;
 #[cfg(test)]
 mod test_util;
+#[cfg(feature = "std")]
+pub mod zeroed;
 
 pub use addr::{FrameNumber, FrameRange, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
 pub use buddy::{FrameAllocator, Stats};
+pub use dirty::DirtyLog;
 pub use meta::{FrameFlags, FrameMeta};
 pub use table::{Block, FrameMap, FrameTable, MAX_ORDER, MAX_RANGES};
 

@@ -1,13 +1,14 @@
 //! Per-frame metadata: `FrameMeta`, 64 bytes per 4 KiB frame, and `FrameFlags`.
 //!
-//! Every field is atomic so that DMA pins and dirty marking can run concurrently on
-//! device threads (`&self`) while the allocator, which mutates block state, is
-//! serialised by its owner (`&mut FrameAllocator`).
+//! Every field is atomic so that DMA pins can run concurrently on device threads
+//! (`&self`) while the allocator, which mutates block state, is serialised by its
+//! owner (`&mut FrameAllocator`).
 //!
 //! Block state (FREE, ALLOCATED, RESERVED, KERNEL, POISONED) and block attributes
 //! (SHARED) are kept only at the *head* frame of a buddy block; the other frames of
-//! the block carry none of them. DIRTY is per frame. Poisoned memory is kept as
-//! order-0 blocks, so POISONED is on every poisoned frame. See DESIGN.md.
+//! the block carry none of them. Poisoned memory is kept as order-0 blocks, so
+//! POISONED is on every poisoned frame. All-zero metadata is the default state,
+//! so untouched metadata costs no memory. See DESIGN.md.
 
 use core::fmt;
 use core::ops::{BitAnd, BitOr, BitOrAssign};
@@ -33,8 +34,6 @@ impl FrameFlags {
     pub const POISONED: Self = Self(1 << 4);
     /// Block attribute: memory shared with another party (e.g. a device process).
     pub const SHARED: Self = Self(1 << 5);
-    /// Per frame: written by a device since the last `take_dirty`.
-    pub const DIRTY: Self = Self(1 << 6);
     /// Bookkeeping: first block of an `alloc_range` allocation.
     pub const RANGE_START: Self = Self(1 << 7);
     /// Bookkeeping: a later block of an `alloc_range` allocation.
@@ -115,14 +114,13 @@ impl BitAnd for FrameFlags {
 
 impl fmt::Debug for FrameFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(FrameFlags, &str); 9] = [
+        const NAMES: [(FrameFlags, &str); 8] = [
             (FrameFlags::FREE, "FREE"),
             (FrameFlags::ALLOCATED, "ALLOCATED"),
             (FrameFlags::RESERVED, "RESERVED"),
             (FrameFlags::KERNEL, "KERNEL"),
             (FrameFlags::POISONED, "POISONED"),
             (FrameFlags::SHARED, "SHARED"),
-            (FrameFlags::DIRTY, "DIRTY"),
             (FrameFlags::RANGE_START, "RANGE_START"),
             (FrameFlags::RANGE_CONT, "RANGE_CONT"),
         ];
@@ -143,56 +141,59 @@ impl fmt::Debug for FrameFlags {
     }
 }
 
-/// Marks the end of a free list in `FrameMeta::next`/`prev`.
+/// Marks the end of a free list in the allocator's view of `next`/`prev`.
+/// Stored as 0 (links are kept as index + 1), so zeroed metadata has no links.
 pub(crate) const NO_LINK: u64 = u64::MAX;
 
 /// Metadata of one frame: exactly 64 bytes, 64-byte aligned (one cache line).
+///
+/// All zero bits is the default state: no flags, order 0, no links, no pins.
+/// A frame whose metadata was never written is free RAM in its initial block
+/// (see `FrameTable`), so metadata memory is committed only where used.
+///
+/// The last four words are meaningful only on a *section anchor*, the first
+/// RAM frame of a range within a 1 GiB section (`table::SECTION_FRAMES`): the
+/// DMA pins held anywhere in the section, whether the section has poisoned
+/// frames, and which of its 4 MiB windows have explicit block metadata.
 #[repr(C, align(64))]
 pub struct FrameMeta {
-    /// References: the owner's one reference at the head of an owned block, plus
-    /// one per DMA pin on this frame.
-    refcount: AtomicU32,
     /// Block flags (state, attributes, range marks) on heads; zero elsewhere.
     /// Written only by the allocator, which its owner serialises, so plain stores
     /// suffice.
     block_flags: AtomicU32,
-    /// Per-frame flags (DIRTY), set concurrently by devices.
-    frame_flags: AtomicU32,
     /// Buddy order of the block this frame heads (meaningful on heads only).
     order: AtomicU32,
-    /// Free-list links: metadata indices of the neighbouring free blocks' heads.
+    /// Free-list links: metadata index + 1 of the neighbouring free blocks'
+    /// heads, 0 for none.
     next: AtomicU64,
     prev: AtomicU64,
-    _reserved: [u64; 4],
+    /// Section anchor: DMA pins held on frames of the section (any thread).
+    pins: AtomicU32,
+    /// Section anchor: `SECTION_POISONED` when some frame of it is poisoned.
+    section_flags: AtomicU32,
+    /// Section anchor: one bit per 4 MiB window of the section whose blocks
+    /// have explicit metadata (written by the allocator only).
+    windows: [AtomicU64; 4],
 }
 
 const _: () = assert!(core::mem::size_of::<FrameMeta>() == 64);
 const _: () = assert!(core::mem::align_of::<FrameMeta>() == 64);
 
+/// `section_flags`: the section holds poisoned frames, so pins check frames.
+pub(crate) const SECTION_POISONED: u32 = 1;
+
 impl FrameMeta {
-    /// Metadata of a frame nobody has touched: no flags, no references.
+    /// Metadata of a frame nobody has touched: all zero.
     pub const fn new() -> Self {
         Self {
-            refcount: AtomicU32::new(0),
             block_flags: AtomicU32::new(0),
-            frame_flags: AtomicU32::new(0),
             order: AtomicU32::new(0),
-            next: AtomicU64::new(NO_LINK),
-            prev: AtomicU64::new(NO_LINK),
-            _reserved: [0; 4],
+            next: AtomicU64::new(0),
+            prev: AtomicU64::new(0),
+            pins: AtomicU32::new(0),
+            section_flags: AtomicU32::new(0),
+            windows: [const { AtomicU64::new(0) }; 4],
         }
-    }
-
-    /// Current reference count.
-    #[inline]
-    pub fn refcount(&self) -> u32 {
-        self.refcount.load(Ordering::Acquire)
-    }
-
-    /// Block flags and per-frame flags together.
-    #[inline]
-    pub fn flags(&self) -> FrameFlags {
-        FrameFlags(self.block_flags().0 | self.frame_flags.load(Ordering::Acquire))
     }
 
     /// Flags of the block this frame heads (empty unless it is a head).
@@ -207,126 +208,110 @@ impl FrameMeta {
         self.order.load(Ordering::Relaxed)
     }
 
-    /// Whether this frame heads a block.
+    /// Whether this frame heads a block with explicit metadata.
     #[inline]
     pub fn is_head(&self) -> bool {
         self.block_flags().intersects(FrameFlags::STATE_MASK)
     }
 
-    /// The reference the block owner holds on this frame: 1 at the head of an
-    /// owned block, 0 elsewhere. A frame is DMA-pinned while its refcount exceeds it.
-    #[inline]
-    pub fn owner_refs(&self) -> u32 {
-        u32::from(self.block_flags().intersects(FrameFlags::OWNED_MASK))
-    }
-
-    /// Whether a DMA pin is held on this frame.
-    #[inline]
-    pub fn is_pinned(&self) -> bool {
-        self.refcount() > self.owner_refs()
-    }
-
-    pub(crate) fn reset(&self) {
-        // Only write what differs, so untouched zeroed metadata pages of a large
-        // guest stay unpopulated.
-        for word in [
-            &self.refcount,
-            &self.block_flags,
-            &self.frame_flags,
-            &self.order,
-        ] {
-            if word.load(Ordering::Relaxed) != 0 {
-                word.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// Makes this frame the head of a block with `flags` (one state plus
-    /// attributes) and moves the owner reference accordingly; pins and DIRTY,
-    /// which devices change concurrently, live in other words.
+    /// attributes).
     #[inline]
     pub(crate) fn set_head(&self, flags: FrameFlags, order: u32) {
         self.order.store(order, Ordering::Relaxed);
-        let old = FrameFlags(self.block_flags.load(Ordering::Relaxed));
         self.block_flags
             .store(flags.0 & FrameFlags::HEAD_MASK.0, Ordering::Release);
-        self.move_owner_ref(old, flags);
     }
 
-    /// Makes this frame an interior frame of a block (no state, no owner reference).
+    /// Makes this frame an interior frame of a block.
     #[inline]
     pub(crate) fn clear_head(&self) {
-        let old = FrameFlags(self.block_flags.load(Ordering::Relaxed));
         self.block_flags.store(0, Ordering::Release);
-        self.move_owner_ref(old, FrameFlags::EMPTY);
     }
 
-    fn move_owner_ref(&self, old: FrameFlags, new: FrameFlags) {
-        match (
-            old.intersects(FrameFlags::OWNED_MASK),
-            new.intersects(FrameFlags::OWNED_MASK),
-        ) {
-            (false, true) => {
-                self.refcount.fetch_add(1, Ordering::AcqRel);
-            }
-            (true, false) => {
-                self.refcount.fetch_sub(1, Ordering::AcqRel);
-            }
-            _ => {}
-        }
+    #[inline]
+    pub(crate) fn next(&self) -> u64 {
+        self.next.load(Ordering::Relaxed).wrapping_sub(1)
     }
 
-    /// Takes a pin; fails (and changes nothing) if the count would pass `limit`.
+    #[inline]
+    pub(crate) fn prev(&self) -> u64 {
+        self.prev.load(Ordering::Relaxed).wrapping_sub(1)
+    }
+
+    #[inline]
+    pub(crate) fn set_next(&self, v: u64) {
+        self.next.store(v.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn set_prev(&self, v: u64) {
+        self.prev.store(v.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Section anchor: DMA pins held in the section.
+    #[inline]
+    pub fn section_pins(&self) -> u32 {
+        self.pins.load(Ordering::Acquire)
+    }
+
+    /// Section anchor: takes a pin; fails (changing nothing) at `limit` pins.
     #[inline]
     pub(crate) fn try_pin(&self, limit: u32) -> bool {
-        let old = self.refcount.fetch_add(1, Ordering::AcqRel);
+        let old = self.pins.fetch_add(1, Ordering::AcqRel);
         if old >= limit {
-            self.refcount.fetch_sub(1, Ordering::AcqRel);
+            self.pins.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
         true
     }
 
+    /// Sets the pin count (tests only: reaching `MAX_PINS` by pinning takes
+    /// too long).
+    #[cfg(test)]
+    pub(crate) fn pins_for_test(&self, n: u32) {
+        self.pins.store(n, Ordering::Relaxed);
+    }
+
+    /// Section anchor: drops a pin.
     #[inline]
     pub(crate) fn unpin(&self) {
-        self.refcount.fetch_sub(1, Ordering::AcqRel);
+        self.pins.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Section anchor: whether the section holds poisoned frames.
     #[inline]
-    pub(crate) fn mark_dirty(&self) {
-        // Test first: re-marking a dirty frame is far more common than a new one.
-        if self.frame_flags.load(Ordering::Relaxed) & FrameFlags::DIRTY.0 == 0 {
-            self.frame_flags
-                .fetch_or(FrameFlags::DIRTY.0, Ordering::AcqRel);
-        }
+    pub(crate) fn section_poisoned(&self) -> bool {
+        self.section_flags.load(Ordering::Acquire) & SECTION_POISONED != 0
     }
 
-    /// Clears DIRTY and says whether it was set.
+    /// Section anchor: records that the section holds poisoned frames.
     #[inline]
-    pub(crate) fn take_dirty(&self) -> bool {
-        let dirty = FrameFlags::DIRTY.0;
-        self.frame_flags.load(Ordering::Relaxed) & dirty != 0
-            && self.frame_flags.fetch_and(!dirty, Ordering::AcqRel) & dirty != 0
+    pub(crate) fn set_section_poisoned(&self) {
+        self.section_flags
+            .store(SECTION_POISONED, Ordering::Release);
     }
 
+    /// Section anchor: whether window `w` (0..256) has explicit metadata.
     #[inline]
-    pub(crate) fn next(&self) -> u64 {
-        self.next.load(Ordering::Relaxed)
+    pub(crate) fn window_touched(&self, w: usize) -> bool {
+        self.windows[w / 64].load(Ordering::Acquire) & (1 << (w % 64)) != 0
     }
 
+    /// Section anchor: the touched bits of windows `64 * word ..`.
     #[inline]
-    pub(crate) fn prev(&self) -> u64 {
-        self.prev.load(Ordering::Relaxed)
+    pub(crate) fn window_word(&self, word: usize) -> u64 {
+        self.windows[word].load(Ordering::Acquire)
     }
 
+    /// Section anchor: marks window `w` touched (allocator only).
     #[inline]
-    pub(crate) fn set_next(&self, v: u64) {
-        self.next.store(v, Ordering::Relaxed);
-    }
-
-    #[inline]
-    pub(crate) fn set_prev(&self, v: u64) {
-        self.prev.store(v, Ordering::Relaxed);
+    pub(crate) fn touch_window(&self, w: usize) {
+        let word = &self.windows[w / 64];
+        word.store(
+            word.load(Ordering::Relaxed) | (1 << (w % 64)),
+            Ordering::Release,
+        );
     }
 }
 
@@ -339,8 +324,7 @@ impl Default for FrameMeta {
 impl fmt::Debug for FrameMeta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FrameMeta")
-            .field("refcount", &self.refcount())
-            .field("flags", &self.flags())
+            .field("flags", &self.block_flags())
             .field("order", &self.order())
             .finish()
     }
@@ -357,38 +341,53 @@ mod tests {
         assert!(!FrameFlags::FREE.is_valid_owned());
         assert!(!FrameFlags::SHARED.is_valid_owned());
         assert!(!(FrameFlags::RESERVED | FrameFlags::KERNEL).is_valid_owned());
-        assert!(!(FrameFlags::ALLOCATED | FrameFlags::DIRTY).is_valid_owned());
+        assert!(!(FrameFlags::ALLOCATED | FrameFlags::RANGE_START).is_valid_owned());
     }
 
     #[test]
-    fn head_of_owned_block_holds_one_owner_reference() {
+    fn zeroed_metadata_is_the_default_state() {
+        // SAFETY: FrameMeta is atomics only; all-zero bits are valid.
+        let zeroed: FrameMeta = unsafe { core::mem::zeroed() };
         let m = FrameMeta::new();
-        m.set_head(FrameFlags::ALLOCATED, 3);
-        assert_eq!((m.refcount(), m.order(), m.is_pinned()), (1, 3, false));
-        assert!(m.try_pin(u32::MAX));
-        assert!(m.is_pinned());
-        m.set_head(FrameFlags::FREE, 3);
-        assert_eq!(m.refcount(), 1, "pin survives the state change");
-        m.unpin();
-        assert_eq!((m.refcount(), m.is_pinned()), (0, false));
+        for x in [&zeroed, &m] {
+            assert!(!x.is_head());
+            assert_eq!(
+                (x.order(), x.next(), x.prev(), x.section_pins()),
+                (0, NO_LINK, NO_LINK, 0)
+            );
+            assert!(!x.section_poisoned() && !x.window_touched(0) && !x.window_touched(255));
+        }
     }
 
     #[test]
-    fn pin_refuses_to_pass_limit() {
+    fn links_round_trip_through_the_zero_encoding() {
+        let m = FrameMeta::new();
+        m.set_next(0);
+        m.set_prev(12345);
+        assert_eq!((m.next(), m.prev()), (0, 12345));
+        m.set_next(NO_LINK);
+        assert_eq!(m.next(), NO_LINK);
+        assert_eq!(m.next.load(Ordering::Relaxed), 0, "no link is stored as 0");
+    }
+
+    #[test]
+    fn section_pin_refuses_to_pass_limit() {
         let m = FrameMeta::new();
         assert!(m.try_pin(1));
         assert!(!m.try_pin(1));
-        assert_eq!(m.refcount(), 1);
+        assert_eq!(m.section_pins(), 1);
+        m.unpin();
+        assert_eq!(m.section_pins(), 0);
     }
 
     #[test]
-    fn dirty_survives_state_changes_and_is_taken_once() {
+    fn window_bits_are_per_window() {
         let m = FrameMeta::new();
-        m.mark_dirty();
-        m.set_head(FrameFlags::ALLOCATED, 0);
-        m.clear_head();
-        assert!(m.take_dirty());
-        assert!(!m.take_dirty());
+        m.touch_window(3);
+        m.touch_window(200);
+        assert!(m.window_touched(3) && m.window_touched(200));
+        assert!(!m.window_touched(4) && !m.window_touched(199));
+        assert_eq!(m.window_word(3), 1 << (200 - 192));
     }
 
     #[test]

@@ -1,10 +1,20 @@
 //! The frame table: which frames are RAM, their metadata, and what can be done to
 //! frames without the allocator: look up the buddy block a frame belongs to, take
-//! and drop DMA pins, mark frames dirty and collect them.
+//! and drop DMA pins.
 //!
 //! RAM is one or more sorted, disjoint ranges of frames (`FrameMap`); the frames
 //! between them (the x86 MMIO hole) have no metadata. The metadata of range `i`
 //! starts at index `base_i` of the caller's `[FrameMeta]`.
+//!
+//! Metadata is committed on use. RAM is cut into 4 MiB *windows* (one
+//! `MAX_ORDER` block each) and 1 GiB *sections* (256 windows). A window whose
+//! metadata was never written is *untouched*: its frames are free and tiled by
+//! their canonical blocks (the largest aligned blocks inside the range, which
+//! is what a fully coalesced allocator holds), and none of its metadata is
+//! read to say so. The first frame of a range within a section, its *anchor*,
+//! records which windows are touched; the allocator writes every head of a
+//! window when it first touches it. DMA pins are counted per section on the
+//! anchor: a pin costs one atomic per section it covers, whatever its length.
 
 use core::fmt;
 
@@ -15,8 +25,17 @@ use crate::meta::{FrameFlags, FrameMeta};
 pub const MAX_ORDER: u32 = 10;
 /// Most RAM ranges a table describes.
 pub const MAX_RANGES: usize = 8;
-/// Most pins one frame can carry; further pins fail rather than overflow.
+/// Most pins one section can carry; further pins fail rather than overflow.
 pub const MAX_PINS: u32 = 1 << 30;
+/// log2 of the frames of a section (1 GiB), the granularity of DMA pins.
+pub const SECTION_SHIFT: u32 = 18;
+/// Frames of a section.
+pub const SECTION_FRAMES: u64 = 1 << SECTION_SHIFT;
+/// Frames of a window: one block of the largest order (4 MiB).
+pub const WINDOW_FRAMES: u64 = 1 << MAX_ORDER;
+/// Windows per section: one bit each in the anchor's `windows` words.
+const WINDOWS_PER_SECTION: u64 = SECTION_FRAMES / WINDOW_FRAMES;
+const _: () = assert!(WINDOWS_PER_SECTION == 256);
 
 /// Errors of the frame table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -50,8 +69,8 @@ pub enum Error {
     /// A frame is poisoned and cannot be used for DMA.
     #[error("{0} is poisoned")]
     Poisoned(FrameNumber),
-    /// A frame already carries `MAX_PINS` pins.
-    #[error("{0} has too many pins")]
+    /// The section starting at this frame already carries `MAX_PINS` pins.
+    #[error("Section at {0} has too many pins")]
     TooManyPins(FrameNumber),
 }
 
@@ -201,8 +220,48 @@ impl Block {
     }
 }
 
-/// RAM ranges plus one `FrameMeta` per RAM frame, held in `S` (a `Vec`, an
-/// `Arc<[FrameMeta]>` on the host, a `&'static mut [FrameMeta]` inside a guest).
+/// The canonical block holding `frame` of `range`: the largest aligned block of
+/// order at most `MAX_ORDER` inside the range. Canonical blocks tile the range;
+/// they are what a fresh (or fully coalesced) allocator holds.
+#[inline]
+pub(crate) fn canonical_block(range: FrameRange, frame: u64) -> (u64, u32) {
+    let mut order = MAX_ORDER;
+    loop {
+        let head = frame & !((1u64 << order) - 1);
+        if order == 0 || (head >= range.start.0 && head + (1 << order) <= range.end.0) {
+            return (head, order);
+        }
+        order -= 1;
+    }
+}
+
+/// The largest order of a block at frame `f` that is aligned and fits in `room`.
+#[inline]
+pub(crate) fn largest_order(f: u64, room: u64) -> u32 {
+    let align_order = if f == 0 {
+        MAX_ORDER
+    } else {
+        f.trailing_zeros().min(MAX_ORDER)
+    };
+    let room_order = 63 - room.leading_zeros();
+    align_order.min(room_order)
+}
+
+/// First frame of the window holding `frame`, and one past its last.
+#[inline]
+pub(crate) fn window_of(frame: u64) -> (u64, u64) {
+    let start = frame & !(WINDOW_FRAMES - 1);
+    (start, start + WINDOW_FRAMES)
+}
+
+/// The anchor's bit for the window holding `frame`.
+#[inline]
+fn window_bit(frame: u64) -> usize {
+    ((frame >> MAX_ORDER) & (WINDOWS_PER_SECTION - 1)) as usize
+}
+
+/// RAM ranges plus one `FrameMeta` per RAM frame, held in `S` (a `Vec`, a
+/// zeroed mapping on the host, a `&'static mut [FrameMeta]` inside a guest).
 #[derive(Clone)]
 pub struct FrameTable<S> {
     map: FrameMap,
@@ -210,8 +269,10 @@ pub struct FrameTable<S> {
 }
 
 impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
-    /// A table over `ranges`; `meta` must hold exactly one entry per RAM frame. The
-    /// metadata is reset: no frame is a block head yet.
+    /// A table over `ranges`; `meta` must hold exactly one entry per RAM frame,
+    /// all zero (`FrameMeta::new()`, or memory never written since it was
+    /// zeroed): every frame is then free. Nothing is written or read per frame,
+    /// so a table over untouched zeroed memory costs no memory.
     pub fn new(ranges: &[FrameRange], meta: S) -> Result<Self, Error> {
         let map = FrameMap::new(ranges)?;
         let len = meta.as_ref().len() as u64;
@@ -221,7 +282,6 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
                 actual: len,
             });
         }
-        meta.as_ref().iter().for_each(FrameMeta::reset);
         Ok(FrameTable { map, meta })
     }
 
@@ -248,12 +308,79 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
         &self.meta.as_ref()[index]
     }
 
-    /// The block holding `frame`: the aligned candidate head at each order is
-    /// probed, O(MAX_ORDER). `None` if `frame` is not RAM.
+    /// The anchor of the section holding `frame` (of range `ri`): the first
+    /// frame of the range in that section.
+    #[inline]
+    pub(crate) fn anchor(&self, ri: usize, frame: u64) -> &FrameMeta {
+        let range = self.map.range_at(ri);
+        let first = (frame & !(SECTION_FRAMES - 1)).max(range.start.0);
+        self.meta_at(self.map.index_in(ri, FrameNumber(first)))
+    }
+
+    /// Whether the window holding `frame` (of range `ri`) has explicit metadata.
+    #[inline]
+    pub fn is_window_touched(&self, ri: usize, frame: FrameNumber) -> bool {
+        self.anchor(ri, frame.0).window_touched(window_bit(frame.0))
+    }
+
+    /// Records that the window holding `frame` (of range `ri`) has explicit
+    /// metadata. Only the allocator calls this, after writing every head of it.
+    #[inline]
+    pub(crate) fn mark_window_touched(&self, ri: usize, frame: u64) {
+        self.anchor(ri, frame).touch_window(window_bit(frame));
+    }
+
+    /// The highest untouched window of range `ri` that starts below `below`,
+    /// as (start, end) frames clipped to the range. Reads one anchor word per
+    /// 64 windows.
+    pub(crate) fn highest_untouched_window(&self, ri: usize, below: u64) -> Option<(u64, u64)> {
+        let range = self.map.range_at(ri);
+        let mut top = below.min(range.end.0);
+        while top > range.start.0 {
+            let frame = top - 1;
+            let word = (window_bit(frame) / 64) as u64;
+            let bits = self.anchor(ri, frame).window_word(word as usize);
+            // Windows of this word at or below `frame`, highest first.
+            let shift = window_bit(frame) % 64;
+            let mask = if shift == 63 {
+                u64::MAX
+            } else {
+                (1u64 << (shift + 1)) - 1
+            };
+            let untouched = !bits & mask;
+            let word_start = (frame & !(SECTION_FRAMES - 1)) + word * 64 * WINDOW_FRAMES;
+            if untouched != 0 {
+                let w = 63 - u64::from(untouched.leading_zeros());
+                let start = word_start + w * WINDOW_FRAMES;
+                if start + WINDOW_FRAMES > range.start.0 {
+                    return Some((
+                        start.max(range.start.0),
+                        (start + WINDOW_FRAMES).min(range.end.0),
+                    ));
+                }
+                return None;
+            }
+            top = word_start;
+        }
+        None
+    }
+
+    /// The block holding `frame`, O(MAX_ORDER); `None` if `frame` is not RAM.
+    /// In an untouched window this is the canonical block, computed without
+    /// reading its metadata; elsewhere the aligned candidate head at each order
+    /// is probed.
     #[inline]
     pub fn block_containing(&self, frame: FrameNumber) -> Option<Block> {
         let ri = self.map.range_index(frame)?;
         let range = self.map.range_at(ri);
+        if !self.is_window_touched(ri, frame) {
+            let (head, order) = canonical_block(range, frame.0);
+            return Some(Block {
+                start: FrameNumber(head),
+                order,
+                flags: FrameFlags::FREE,
+            });
+        }
         for order in 0..=MAX_ORDER {
             let head = FrameNumber(frame.0 & !((1u64 << order) - 1));
             if head < range.start {
@@ -280,103 +407,132 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
         }
     }
 
-    /// Takes one DMA pin on every frame of `[addr, addr + len)` until the guard
-    /// drops. Fails, changing nothing, for an empty or wrapping range, one outside
-    /// RAM or across a hole, a poisoned frame, or a frame with `MAX_PINS` pins.
+    /// Takes one DMA pin on `[addr, addr + len)` until the guard drops: one
+    /// count on each section the range covers. Fails, changing nothing, for an
+    /// empty or wrapping range, one outside RAM or across a hole, a poisoned
+    /// frame, or a section with `MAX_PINS` pins.
     pub fn pin(&self, addr: PhysAddr, len: u64) -> Result<FramePin<'_, S>, Error> {
         let range = self.pin_frames(addr, len)?;
         Ok(FramePin { table: self, range })
     }
 
     /// Takes the pins of `pin`; the caller must `unpin` the returned range once.
+    #[inline]
     pub(crate) fn pin_frames(&self, addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
         let range = self.ram_range(addr, len)?;
-        let first = self.map.index(range.start).expect("checked RAM");
-        let metas = &self.meta.as_ref()[first..first + range.len() as usize];
-        for (i, m) in metas.iter().enumerate() {
-            let frame = FrameNumber(range.start.0 + i as u64);
-            let err = if m.block_flags().contains(FrameFlags::POISONED) {
-                Some(Error::Poisoned(frame))
-            } else if !m.try_pin(MAX_PINS) {
-                Some(Error::TooManyPins(frame))
+        let mut f = range.start.0;
+        while f < range.end.0 {
+            let (ri, end) = self.piece(f, range.end.0);
+            let anchor = self.anchor(ri, f);
+            let err = if anchor.section_poisoned()
+                && let Some(bad) = self.poisoned_frame(f, end)
+            {
+                Some(Error::Poisoned(bad))
+            } else if !anchor.try_pin(MAX_PINS) {
+                let first = (f & !(SECTION_FRAMES - 1)).max(self.map.range_at(ri).start.0);
+                Some(Error::TooManyPins(FrameNumber(first)))
             } else {
                 None
             };
             if let Some(err) = err {
-                metas[..i].iter().for_each(FrameMeta::unpin);
+                self.unpin(FrameRange {
+                    start: range.start,
+                    end: FrameNumber(f),
+                });
                 return Err(err);
             }
+            f = end;
         }
         Ok(range)
     }
 
     /// Drops the pins `pin_frames` took on `range`. Only pin guards call this,
     /// with the range `pin_frames` returned.
-    pub(crate) fn unpin(&self, range: FrameRange) {
-        let first = self.map.index(range.start).expect("pinned range is RAM");
-        self.meta.as_ref()[first..first + range.len() as usize]
-            .iter()
-            .for_each(FrameMeta::unpin);
-    }
-
-    /// Whether any frame of `block` carries a DMA pin.
     #[inline]
-    pub fn is_block_pinned(&self, block: &Block) -> bool {
-        let first = self.map.index(block.start).expect("block is RAM");
-        self.meta.as_ref()[first..first + (1usize << block.order)]
-            .iter()
-            .any(FrameMeta::is_pinned)
-    }
-
-    /// Marks every frame of `[addr, addr + len)` dirty.
-    pub fn mark_dirty(&self, addr: PhysAddr, len: u64) -> Result<(), Error> {
-        let range = self.ram_range(addr, len)?;
-        let first = self.map.index(range.start).expect("checked RAM");
-        self.meta.as_ref()[first..first + range.len() as usize]
-            .iter()
-            .for_each(FrameMeta::mark_dirty);
-        Ok(())
-    }
-
-    /// Clears DIRTY on every frame and reports each run of frames that had it.
-    pub fn take_dirty(&self, mut report: impl FnMut(FrameRange)) {
-        for range in self.map.ranges() {
-            let first = self.map.index(range.start).expect("range is RAM");
-            let metas = &self.meta.as_ref()[first..first + range.len() as usize];
-            let mut run: Option<FrameRange> = None;
-            for (i, m) in metas.iter().enumerate() {
-                let frame = FrameNumber(range.start.0 + i as u64);
-                if m.take_dirty() {
-                    match &mut run {
-                        Some(r) => r.end = FrameNumber(frame.0 + 1),
-                        None => {
-                            run = Some(FrameRange {
-                                start: frame,
-                                end: FrameNumber(frame.0 + 1),
-                            })
-                        }
-                    }
-                } else if let Some(r) = run.take() {
-                    report(r);
-                }
-            }
-            if let Some(r) = run {
-                report(r);
-            }
+    pub(crate) fn unpin(&self, range: FrameRange) {
+        let mut f = range.start.0;
+        while f < range.end.0 {
+            let (ri, end) = self.piece(f, range.end.0);
+            self.anchor(ri, f).unpin();
+            f = end;
         }
     }
 
-    /// Whether any frame of `[addr, addr + len)` carries a DMA pin.
+    /// The range holding RAM frame `f`, and where the piece of `[f, end)` in
+    /// that range and section ends.
+    #[inline]
+    fn piece(&self, f: u64, end: u64) -> (usize, u64) {
+        let ri = self
+            .map
+            .range_index(FrameNumber(f))
+            .expect("checked contiguous RAM");
+        let section_end = (f | (SECTION_FRAMES - 1)) + 1;
+        let piece_end = end.min(self.map.range_at(ri).end.0).min(section_end);
+        (ri, piece_end)
+    }
+
+    /// The first poisoned frame of `[start, end)` (one range), if any.
+    fn poisoned_frame(&self, start: u64, end: u64) -> Option<FrameNumber> {
+        let mut f = FrameNumber(start);
+        while f.0 < end {
+            let block = self.block_containing(f)?;
+            if block.flags.contains(FrameFlags::POISONED) {
+                return Some(f);
+            }
+            f = block.frames().end;
+        }
+        None
+    }
+
+    /// Records that `range` (RAM) holds poisoned frames, on every section
+    /// anchor it touches, so pins there check frame by frame.
+    pub(crate) fn mark_poisoned_sections(&self, range: &FrameRange) {
+        let mut f = range.start.0;
+        while f < range.end.0 {
+            let (ri, end) = self.piece(f, range.end.0);
+            self.anchor(ri, f).set_section_poisoned();
+            f = end;
+        }
+    }
+
+    /// Whether any section overlapping `range` (RAM) carries a DMA pin: what
+    /// keeps a block from being freed.
+    #[inline]
+    pub fn is_range_pinned(&self, range: &FrameRange) -> bool {
+        let mut f = range.start.0;
+        while f < range.end.0 {
+            let (ri, end) = self.piece(f, range.end.0);
+            if self.anchor(ri, f).section_pins() > 0 {
+                return true;
+            }
+            f = end;
+        }
+        false
+    }
+
+    /// Whether any section overlapping `[addr, addr + len)` carries a DMA pin.
     pub fn is_pinned(&self, addr: PhysAddr, len: u64) -> Result<bool, Error> {
         let range = self.ram_range(addr, len)?;
-        let first = self.map.index(range.start).expect("checked RAM");
-        Ok(self.meta.as_ref()[first..first + range.len() as usize]
-            .iter()
-            .any(FrameMeta::is_pinned))
+        Ok(self.is_range_pinned(&range))
+    }
+
+    /// DMA pins held on all of RAM (each pin counts once per section it covers).
+    pub fn pins(&self) -> u64 {
+        let mut total = 0;
+        for ri in 0..self.map.count {
+            let r = self.map.range_at(ri);
+            let mut f = r.start.0;
+            while f < r.end.0 {
+                total += u64::from(self.anchor(ri, f).section_pins());
+                f = ((f | (SECTION_FRAMES - 1)) + 1).min(r.end.0);
+            }
+        }
+        total
     }
 
     /// The frames of `[addr, addr + len)`, checked to be contiguous RAM.
-    fn ram_range(&self, addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
+    #[inline]
+    pub(crate) fn ram_range(&self, addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
         if len == 0 {
             return Err(Error::Empty(addr));
         }
@@ -441,16 +597,30 @@ impl<S: AsRef<[FrameMeta]>> Iterator for Blocks<'_, S> {
         while self.range < map.count {
             let r = map.range_at(self.range);
             if self.next < r.end {
-                let m = self.table.meta_at(map.index_in(self.range, self.next));
-                let block = Block {
-                    start: self.next,
-                    order: m.order(),
-                    flags: m.block_flags(),
+                let at = self.next.0;
+                let block = if self.table.is_window_touched(self.range, self.next) {
+                    let m = self.table.meta_at(map.index_in(self.range, self.next));
+                    Block {
+                        start: self.next,
+                        order: m.order(),
+                        flags: m.block_flags(),
+                    }
+                } else {
+                    // `at` starts a canonical block: the previous block ended here.
+                    Block {
+                        start: self.next,
+                        order: largest_order(at, r.end.0 - at),
+                        flags: FrameFlags::FREE,
+                    }
                 };
                 // A well-formed table has a head here; step one frame otherwise so
                 // a corrupted table still terminates.
-                let step = if m.is_head() { 1u64 << m.order() } else { 1 };
-                self.next = FrameNumber(self.next.0 + step);
+                let step = if block.flags.intersects(FrameFlags::STATE_MASK) {
+                    1u64 << block.order.min(MAX_ORDER)
+                } else {
+                    1
+                };
+                self.next = FrameNumber(at + step);
                 return Some(block);
             }
             self.range += 1;
@@ -545,46 +715,147 @@ mod tests {
             t.pin(PhysAddr(0), 0).unwrap_err(),
             Error::Empty(PhysAddr(0))
         );
-        assert!(t.metadata().iter().all(|m| m.refcount() == 0));
+        assert_eq!(t.pins(), 0);
+    }
+
+    /// Whether every metadata entry is still all zero (nothing written).
+    fn untouched(t: &FrameTable<Vec<FrameMeta>>) -> bool {
+        t.metadata().iter().all(|m| {
+            !m.is_head()
+                && m.order() == 0
+                && m.section_pins() == 0
+                && (0..4).all(|w| m.window_word(w) == 0)
+        })
     }
 
     #[test]
-    fn pin_and_unpin_touch_every_frame_of_the_range() {
+    fn pin_counts_once_per_section_and_unpins() {
         let t = table(&[fr(0, 16)]);
         let pin = t.pin(PhysAddr(0x1800), 0x1000).unwrap();
         assert_eq!(pin.frames(), fr(1, 3));
+        assert_eq!(t.pins(), 1);
         assert!(t.is_pinned(PhysAddr(0x2000), 1).unwrap());
-        assert!(!t.is_pinned(PhysAddr(0x3000), 1).unwrap());
-        drop(pin);
-        assert!(t.metadata().iter().all(|m| m.refcount() == 0));
-    }
-
-    #[test]
-    fn pin_of_poisoned_frame_fails_and_rolls_back() {
-        let t = table(&[fr(0, 16)]);
-        t.meta(FrameNumber(3))
-            .unwrap()
-            .set_head(FrameFlags::POISONED, 0);
-        assert_eq!(
-            t.pin(PhysAddr(0x1000), 0x3000).unwrap_err(),
-            Error::Poisoned(FrameNumber(3))
+        assert!(
+            t.is_pinned(PhysAddr(0x3000), 1).unwrap(),
+            "a pin holds its whole section"
         );
-        assert_eq!(t.meta(FrameNumber(1)).unwrap().refcount(), 0);
-        assert_eq!(t.meta(FrameNumber(2)).unwrap().refcount(), 0);
+        drop(pin);
+        assert_eq!(t.pins(), 0);
+        assert!(untouched(&t), "pins leave no trace");
     }
 
     #[test]
-    fn take_dirty_reports_runs_and_clears() {
-        let t = table(&[fr(0, 16), fr(32, 48)]);
-        t.mark_dirty(PhysAddr(0x1000), 0x2000).unwrap();
-        t.mark_dirty(PhysAddr(0xf000), 1).unwrap();
-        t.mark_dirty(PhysAddr(0x20000), 1).unwrap();
-        let mut runs = Vec::new();
-        t.take_dirty(|r| runs.push(r));
-        assert_eq!(runs, [fr(1, 3), fr(15, 16), fr(32, 33)]);
-        runs.clear();
-        t.take_dirty(|r| runs.push(r));
-        assert!(runs.is_empty());
-        assert!(t.mark_dirty(PhysAddr(0x10000), 1).is_err());
+    fn pin_across_sections_and_adjacent_ranges_counts_each_piece() {
+        let s = SECTION_FRAMES;
+        let t = table(&[fr(0, s + 10), fr(s + 10, s + 20), fr(2 * s, 2 * s + 4)]);
+        // The last frame of section 0 to the end of the second range: section
+        // 0 of range 0, section 1 of range 0, section 1 of range 1.
+        let pin = t.pin(FrameNumber(s - 1).addr(), 21 << 12).unwrap();
+        assert_eq!(pin.frames(), fr(s - 1, s + 20));
+        assert_eq!(t.pins(), 3);
+        assert!(t.is_range_pinned(&fr(5, 6)));
+        assert!(!t.is_range_pinned(&fr(2 * s, 2 * s + 1)), "other section");
+        drop(pin);
+        assert_eq!(t.pins(), 0);
+    }
+
+    #[test]
+    fn pin_costs_the_same_for_any_length() {
+        let t = table(&[fr(0, SECTION_FRAMES)]);
+        // 1 GiB minus a page: still one count on one anchor.
+        let pin = t.pin(PhysAddr(0x1000), (SECTION_FRAMES - 1) << 12).unwrap();
+        assert_eq!(t.pins(), 1);
+        let written = t
+            .metadata()
+            .iter()
+            .filter(|m| m.section_pins() != 0)
+            .count();
+        assert_eq!(written, 1, "only the anchor holds the count");
+        drop(pin);
+    }
+
+    #[test]
+    fn pin_refuses_a_section_at_max_pins() {
+        let t = table(&[fr(0, 16)]);
+        t.meta(FrameNumber(0)).unwrap().pins_for_test(MAX_PINS);
+        assert_eq!(
+            t.pin(PhysAddr(0x3000), 1).unwrap_err(),
+            Error::TooManyPins(FrameNumber(0))
+        );
+        assert_eq!(t.pins(), u64::from(MAX_PINS), "the failed pin rolled back");
+    }
+
+    #[test]
+    fn untouched_table_is_tiled_by_canonical_blocks_without_writes() {
+        let t = table(&[fr(3, 2048 + 5)]);
+        let blocks: Vec<(u64, u32)> = t.blocks().map(|b| (b.start.0, b.order)).collect();
+        assert_eq!(
+            blocks,
+            [
+                (3, 0),
+                (4, 2),
+                (8, 3),
+                (16, 4),
+                (32, 5),
+                (64, 6),
+                (128, 7),
+                (256, 8),
+                (512, 9),
+                (1024, 10),
+                (2048, 2),
+                (2052, 0)
+            ]
+        );
+        assert!(t.blocks().all(|b| b.flags == FrameFlags::FREE));
+        let b = t.block_containing(FrameNumber(700)).unwrap();
+        assert_eq!((b.start.0, b.order, b.flags), (512, 9, FrameFlags::FREE));
+        assert!(untouched(&t));
+    }
+
+    #[test]
+    fn canonical_block_is_the_largest_aligned_block_inside_the_range() {
+        let r = fr(1, 9);
+        let got: Vec<_> = (1..9).map(|f| canonical_block(r, f)).collect();
+        assert_eq!(
+            got,
+            [
+                (1, 0),
+                (2, 1),
+                (2, 1),
+                (4, 2),
+                (4, 2),
+                (4, 2),
+                (4, 2),
+                (8, 0)
+            ]
+        );
+        assert_eq!(canonical_block(fr(0, 1 << 20), 5000), (4096, MAX_ORDER));
+    }
+
+    #[test]
+    fn highest_untouched_window_skips_touched_ones_and_stays_in_range() {
+        let w = WINDOW_FRAMES;
+        let t = table(&[fr(5, 3 * w + 7)]);
+        assert_eq!(
+            t.highest_untouched_window(0, u64::MAX),
+            Some((3 * w, 3 * w + 7))
+        );
+        t.mark_window_touched(0, 3 * w);
+        t.mark_window_touched(0, 2 * w);
+        assert_eq!(t.highest_untouched_window(0, u64::MAX), Some((w, 2 * w)));
+        assert_eq!(t.highest_untouched_window(0, w), Some((5, w)));
+        t.mark_window_touched(0, 5);
+        assert_eq!(t.highest_untouched_window(0, w), None);
+    }
+
+    #[test]
+    fn highest_untouched_window_crosses_sections() {
+        let s = SECTION_FRAMES;
+        let t = table(&[fr(s - WINDOW_FRAMES, s + WINDOW_FRAMES)]);
+        t.mark_window_touched(0, s);
+        assert_eq!(
+            t.highest_untouched_window(0, u64::MAX),
+            Some((s - WINDOW_FRAMES, s))
+        );
     }
 }

@@ -63,7 +63,7 @@ impl Cli {
     }
 }
 
-/// Parses a RAM size: bytes, or a number with a K, M or G suffix (binary units).
+/// Parses a RAM size: bytes, or a number with a K, M, G or T suffix (binary units).
 /// It must be a whole number of 4 KiB pages, at least `MIN_MEM` and at most
 /// `memory::layout::MAX_RAM`.
 pub fn parse_mem(s: &str) -> Result<u64, String> {
@@ -72,6 +72,7 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
         Some((i, 'k' | 'K')) => (&s[..i], 10),
         Some((i, 'm' | 'M')) => (&s[..i], 20),
         Some((i, 'g' | 'G')) => (&s[..i], 30),
+        Some((i, 't' | 'T')) => (&s[..i], 40),
         _ => (s, 0),
     };
     let n: u64 = digits
@@ -165,6 +166,7 @@ mod tests {
         assert_eq!(parse_mem("512M"), Ok(512 << 20));
         assert_eq!(parse_mem("2G"), Ok(2 << 30));
         assert_eq!(parse_mem("3g"), Ok(3 << 30));
+        assert_eq!(parse_mem("1T"), Ok(1 << 40));
         assert_eq!(parse_mem("65536k"), Ok(64 << 20));
         assert_eq!(parse_mem("16777216"), Ok(16 << 20));
     }
@@ -179,7 +181,8 @@ mod tests {
             "1.5G",
             "99999999999999999999G",
             "1M",
-            "65G",
+            "1025G",
+            "2T",
             "16777217",
         ] {
             assert!(parse_mem(bad).is_err(), "{bad} accepted");

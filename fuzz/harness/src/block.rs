@@ -21,7 +21,7 @@ use devices::virtio::mock::MockDriver;
 use devices::virtio::{Queue, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::common::{TempFile, assert_writes_within, guest, pinned_frames, snapshot, temp_path};
+use crate::common::{TempFile, assert_writes_within, guest, pins, snapshot, temp_path};
 
 const DISK_BYTES: u64 = 2 << 20;
 const SECTORS: u64 = DISK_BYTES / 512;
@@ -209,7 +209,7 @@ fn run_input(input: &BlockInput) {
     }
     queue.reset();
     block.reset();
-    assert!(pinned_frames(&frames).is_empty(), "pins left after reset");
+    assert_eq!(pins(&frames), 0, "pins left after reset");
     drop(block);
     let on_disk = std::fs::read(&path.0).expect("temp disk reads");
     assert_eq!(on_disk.len(), model.len(), "the disk changed size");

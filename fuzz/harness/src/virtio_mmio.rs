@@ -26,7 +26,7 @@ use memory::GuestFrames;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::{
-    GUEST_RAM, Input, TempFile, assert_writes_within, guest, pinned_frames, snapshot, temp_path,
+    GUEST_RAM, Input, TempFile, assert_writes_within, guest, pins, snapshot, temp_path,
 };
 
 const DESC_F_WRITE: u16 = 2;
@@ -152,5 +152,5 @@ pub fn run(data: &[u8]) {
     t.write(STATUS, &0u32.to_le_bytes());
     assert_eq!(read32(&mut t, STATUS), 0, "reset did not clear the status");
     assert_eq!(read32(&mut t, 0x44), 0, "queue still ready after reset");
-    assert!(pinned_frames(&frames).is_empty(), "pins left after reset");
+    assert_eq!(pins(&frames), 0, "pins left after reset");
 }

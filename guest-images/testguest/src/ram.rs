@@ -276,10 +276,14 @@ pub fn setup(info: &BootInfo, image: PhysRange) -> Result<Setup, SetupError> {
     // aligned (FrameMeta needs 64), `frames` entries long, and overlaps neither
     // the image (code, statics, stack) nor boot information or modules. The
     // `METADATA_TAKEN` flag makes this the only reference ever made to it.
-    // FrameMeta is atomics and integers, valid for any bit pattern; the table
-    // resets the fields it relies on.
-    let metadata: &'static mut [FrameMeta] =
-        unsafe { core::slice::from_raw_parts_mut(meta.start as *mut FrameMeta, frames as usize) };
+    // The allocator wants zeroed metadata (its default state): RAM from the
+    // VMM may hold anything, so it is cleared first, in one `rep stos`; all
+    // zero is a valid FrameMeta (atomic integers only).
+    let metadata: &'static mut [FrameMeta] = unsafe {
+        let p = meta.start as *mut FrameMeta;
+        core::ptr::write_bytes(p, 0, frames as usize);
+        core::slice::from_raw_parts_mut(p, frames as usize)
+    };
     let mut alloc =
         FrameAllocator::new(ram.ranges(), metadata).map_err(|e| SetupError::Alloc("new", e))?;
 
