@@ -19,7 +19,7 @@ use vmm_sys_util::terminal::Terminal;
 use crate::boot::{self, BootConfig};
 use crate::exit::{ExitLatch, VmExit};
 use crate::pio::{COM1_IRQ, ConsoleSerial, IrqTrigger, PioBus};
-use crate::vcpu::{self, Buses, VcpuThread};
+use crate::vcpu::{self, Buses, VcpuThreads};
 use crate::virtio::{self, DiskConfig, QueueNotifier};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
@@ -111,15 +111,12 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     install_stop_signals(&exit).map_err(|e| Error::Host("SIGINT/SIGTERM handlers", e))?;
     let _terminal = RawTerminal::enter();
 
-    let mut threads = Vec::with_capacity(vcpus.len());
+    let mut threads = VcpuThreads::default();
     let mut spawn_error = None;
     for (index, fd) in vcpus.into_iter().enumerate() {
-        match VcpuThread::spawn(fd, index as u8, buses.clone(), exit.clone()) {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                spawn_error = Some(Error::Host("a vCPU thread", e));
-                break;
-            }
+        if let Err(e) = threads.spawn(fd, index as u8, buses.clone(), exit.clone()) {
+            spawn_error = Some(Error::Host("a vCPU thread", e));
+            break;
         }
     }
     let loop_result = match spawn_error {
@@ -128,7 +125,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     };
     // Every path stops and joins every vCPU before returning.
     exit.stop(VmExit::Signal(0));
-    threads.into_iter().for_each(VcpuThread::join);
+    threads.join();
     loop_result?;
     // Locals drop in reverse order: devices and the VM before guest RAM.
     Ok(exit.reason().expect("stop recorded a reason"))

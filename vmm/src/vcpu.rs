@@ -6,7 +6,7 @@
 //! return EINTR) until each thread has finished.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -99,30 +99,77 @@ pub struct VcpuThread {
     handle: JoinHandle<()>,
 }
 
-impl VcpuThread {
+/// Tells its channel that a vCPU thread has finished, when dropped (also when
+/// the thread unwinds).
+struct Finished(mpsc::Sender<()>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// The vCPU threads of a VM, and the channel each reports its end on.
+#[derive(Debug)]
+pub struct VcpuThreads {
+    threads: Vec<VcpuThread>,
+    finished_tx: mpsc::Sender<()>,
+    finished: mpsc::Receiver<()>,
+}
+
+impl Default for VcpuThreads {
+    fn default() -> Self {
+        let (finished_tx, finished) = mpsc::channel();
+        VcpuThreads {
+            threads: Vec::new(),
+            finished_tx,
+            finished,
+        }
+    }
+}
+
+impl VcpuThreads {
     /// Starts vCPU `index` on its own thread.
     pub fn spawn(
+        &mut self,
         vcpu: VcpuFd,
         index: u8,
         buses: Arc<Buses>,
         exit: Arc<ExitLatch>,
-    ) -> std::io::Result<Self> {
+    ) -> std::io::Result<()> {
+        let done = Finished(self.finished_tx.clone());
         let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run_loop(vcpu, index, &buses, &exit))?;
-        Ok(VcpuThread { handle })
+            .spawn(move || {
+                let _done = done;
+                run_loop(vcpu, index, &buses, &exit)
+            })?;
+        self.threads.push(VcpuThread { handle });
+        Ok(())
     }
 
-    /// Stops the thread (the latch must already be stopping) and joins it,
-    /// kicking it out of KVM_RUN until it has finished.
+    /// Stops every thread (the latch must already be stopping) and joins them:
+    /// kicks the ones still in KVM_RUN, then waits for their end reports,
+    /// kicking again every millisecond (a kick can land just before a thread
+    /// enters KVM_RUN).
     pub fn join(self) {
-        while !self.handle.is_finished() {
-            // Fails only once the thread is gone, which ends the loop.
-            let _ = self.handle.kill(kick_signal());
-            thread::sleep(Duration::from_millis(5));
+        let VcpuThreads {
+            threads, finished, ..
+        } = self;
+        let mut running = threads.len();
+        while running > 0 {
+            for t in threads.iter().filter(|t| !t.handle.is_finished()) {
+                // Fails only once the thread is gone.
+                let _ = t.handle.kill(kick_signal());
+            }
+            while running > 0 && finished.recv_timeout(Duration::from_millis(1)).is_ok() {
+                running -= 1;
+            }
         }
-        if self.handle.join().is_err() {
-            log::error!("a vCPU thread panicked");
+        for t in threads {
+            if t.handle.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
         }
     }
 }
