@@ -291,3 +291,121 @@ impl Drop for RawTerminal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::bus::BusDevice;
+    use devices::virtio::mmio::MmioTransport;
+    use devices::virtio::{Interrupt, Processed, Queue, QueueError, VirtioDevice};
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::virtio_config::*;
+    use virtio_bindings::virtio_mmio::*;
+
+    /// A device whose queue never runs dry: every batch ends with more.
+    #[derive(Debug)]
+    struct Endless(Arc<AtomicU64>);
+
+    impl VirtioDevice for Endless {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn avail_features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn chain_limit(&self, _: usize) -> u64 {
+            u64::MAX
+        }
+        fn process_queue(
+            &mut self,
+            _: usize,
+            _: &mut Queue,
+            _: &GuestFrames,
+        ) -> Result<Processed, QueueError> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(Processed {
+                used: false,
+                more: true,
+            })
+        }
+        fn reset(&mut self) {}
+    }
+
+    #[derive(Debug)]
+    struct NoInterrupt;
+    impl Interrupt for NoInterrupt {
+        fn trigger(&self) {}
+    }
+
+    fn write32(t: &mut MmioTransport, offset: u32, value: u32) {
+        t.write(u64::from(offset), &value.to_le_bytes());
+    }
+
+    #[test]
+    fn event_loop_serves_a_pending_signal_between_batches_of_endless_work() {
+        let frames = Arc::new(GuestFrames::new(16 << 20, Backing::Anonymous).unwrap());
+        let batches = Arc::new(AtomicU64::new(0));
+        let mut t = MmioTransport::new(
+            Box::new(Endless(batches.clone())),
+            frames,
+            Arc::new(NoInterrupt),
+        );
+        // The driver's handshake, with queue 0 in RAM.
+        for status in [1, 3] {
+            write32(&mut t, VIRTIO_MMIO_STATUS, status);
+        }
+        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write32(&mut t, VIRTIO_MMIO_STATUS, 3 | VIRTIO_CONFIG_S_FEATURES_OK);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        write32(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            3 | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        let event = EventFd::new(EFD_NONBLOCK).unwrap();
+        event.write(1).unwrap();
+        let notifier = QueueNotifier::new(Arc::new(Mutex::new(t)), vec![event]);
+        let exit = Arc::new(ExitLatch::new().unwrap());
+        let serial = Arc::new(Mutex::new(Serial::new(
+            IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap()),
+            Box::new(io::sink()) as Box<dyn Write + Send>,
+        )));
+        let loop_exit = exit.clone();
+        let runner = std::thread::spawn(move || event_loop(&loop_exit, serial, vec![notifier]));
+        // The device is being served batch after batch, each re-armed.
+        let start = Instant::now();
+        while batches.load(Ordering::Relaxed) < 100 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no batches served"
+            );
+            std::thread::yield_now();
+        }
+        // What the SIGTERM handler does: record the signal, wake the loop.
+        SIGNAL.store(libc::SIGTERM, Ordering::Release);
+        exit.event().write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !runner.is_finished() {
+            assert!(Instant::now() < deadline, "the loop ignored the signal");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        runner.join().unwrap().unwrap();
+        SIGNAL.store(0, Ordering::Release);
+        assert_eq!(exit.reason(), Some(VmExit::Signal(libc::SIGTERM)));
+    }
+}

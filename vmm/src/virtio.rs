@@ -148,7 +148,7 @@ pub fn attach(
         bus.insert(base, MMIO_SIZE, transport.clone())
             .map_err(|e| Error::Bus(base, e))?;
         log::info!("virtio device {index} at {base:#x}, IRQ {irq}, {queues} queue(s)");
-        notifiers.push(QueueNotifier { transport, events });
+        notifiers.push(QueueNotifier::new(transport, events));
     }
     Ok(notifiers)
 }
@@ -158,6 +158,14 @@ pub fn attach(
 pub struct QueueNotifier {
     transport: Arc<Mutex<MmioTransport>>,
     events: Vec<EventFd>,
+}
+
+impl QueueNotifier {
+    /// The event-loop side of `transport`, whose queue `i` is notified
+    /// through `events[i]`.
+    pub(crate) fn new(transport: Arc<Mutex<MmioTransport>>, events: Vec<EventFd>) -> Self {
+        QueueNotifier { transport, events }
+    }
 }
 
 impl MutEventSubscriber for QueueNotifier {
@@ -174,10 +182,19 @@ impl MutEventSubscriber for QueueNotifier {
         if let Some(event) = self.events.get(queue) {
             // Non-blocking: a spurious wake-up reads EAGAIN, which is harmless.
             let _ = event.read();
-            self.transport
+            let more = self
+                .transport
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .process_queue(queue);
+            if more {
+                // One batch per wake-up: signal ourselves, so the loop serves
+                // its other events (signals, the console, other devices)
+                // before the next batch.
+                if let Err(e) = event.write(1) {
+                    log::warn!("cannot re-arm virtio queue {queue}: {e}");
+                }
+            }
         }
     }
 }

@@ -22,9 +22,16 @@
 //!   more segments than `max_*_seg`, or more sectors than `max_*_sectors`: IOERR;
 //! - GET_ID writes min(20, buffer) bytes of the NUL-padded serial.
 //!
+//! - a chain holding more than a request can use — the header, SEG_MAX ×
+//!   SIZE_MAX bytes of data (or the whole disk, if smaller) and the status —
+//!   is refused by the queue before anything is pinned (used length 0);
+//! - the used length is exactly what the device wrote: the data read (IN) or
+//!   the serial (GET_ID), plus the status byte.
+//!
 //! Data moves between the file and guest memory with one vectored call per
 //! request; the segment list is a scratch vector the device reuses, so no heap
-//! allocation is sized by a guest number.
+//! allocation is sized by a guest number. One `process_queue` call serves at
+//! most a batch of chains and bytes (`BATCH_CHAINS`, `BATCH_BYTES`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +41,8 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::GuestAddress;
 
 use super::{
-    DescriptorChain, MAX_QUEUE_SIZE, Queue, QueueError, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    BATCH_BYTES, BATCH_CHAINS, DescriptorChain, MAX_QUEUE_SIZE, Processed, Queue, QueueError,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
 };
 use crate::disk::{DiskBackend, SECTOR_SIZE};
 
@@ -276,6 +283,13 @@ impl Block {
         }
     }
 
+    /// Bytes moved between the disk and guest memory so far: what a batch's
+    /// byte budget counts (a refused request moves nothing).
+    fn bytes_moved(&self) -> u64 {
+        let m = &self.metrics;
+        m.bytes_read.load(Ordering::Relaxed) + m.bytes_written.load(Ordering::Relaxed)
+    }
+
     /// The byte offset of `len` bytes at `sector`, if inside the disk.
     fn range(&self, sector: u64, len: u64) -> Result<u64, Fault> {
         if !len.is_multiple_of(SECTOR_SIZE) {
@@ -289,8 +303,10 @@ impl Block {
         Ok(offset)
     }
 
-    /// Executes one request; returns the status and the used length.
-    fn execute(&mut self, chain: &DescriptorChain, frames: &GuestFrames) -> Option<(u8, u32)> {
+    /// Executes one request; returns the status and the bytes written before
+    /// it (the used length is those plus the status byte), or `None` when
+    /// there is no byte for a status.
+    fn execute(&mut self, chain: &DescriptorChain, frames: &GuestFrames) -> Option<(u8, u64)> {
         let mut writer = chain.writer();
         let writable = writer.remaining();
         if writable == 0 {
@@ -299,18 +315,26 @@ impl Block {
             return None;
         }
         let data_in = writable - 1;
-        let used = u32::try_from(writable).unwrap_or(u32::MAX);
         let mut reader = chain.reader();
         let mut header = [0u8; HEADER_SIZE as usize];
         if reader.read_exact(frames, &mut header).is_err() {
             self.count(Fault::Layout);
             self.log_once(Fault::Layout, "request header shorter than 16 bytes");
-            return Some((VIRTIO_BLK_S_IOERR as u8, used));
+            return Some((VIRTIO_BLK_S_IOERR as u8, 0));
         }
         let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
         let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        // Bytes written into the data buffers (IN, GET_ID).
+        let mut written = 0;
         let result = match kind {
-            VIRTIO_BLK_T_IN => self.read(frames, &mut writer, sector, data_in, reader.remaining()),
+            VIRTIO_BLK_T_IN => self.read(
+                frames,
+                &mut writer,
+                sector,
+                data_in,
+                reader.remaining(),
+                &mut written,
+            ),
             VIRTIO_BLK_T_OUT => self.write(frames, &mut reader, sector, data_in),
             VIRTIO_BLK_T_FLUSH => {
                 bump(&self.metrics.flushes);
@@ -320,10 +344,10 @@ impl Block {
                 bump(&self.metrics.get_ids);
                 let n = data_in.min(self.serial.len() as u64) as usize;
                 let serial = self.serial;
+                written = n as u64;
                 writer
                     .write_all(frames, &serial[..n])
                     .map_err(|_| Fault::Layout)
-                    .and_then(|()| writer.skip(data_in - n as u64).map_err(|_| Fault::Layout))
             }
             VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => {
                 self.zeroes(frames, &mut reader, data_in, true)
@@ -352,7 +376,7 @@ impl Block {
                 }
             }
         };
-        Some((status as u8, used))
+        Some((status as u8, written))
     }
 
     fn read(
@@ -362,6 +386,7 @@ impl Block {
         sector: u64,
         len: u64,
         readable_left: u64,
+        written: &mut u64,
     ) -> Result<(), Fault> {
         bump(&self.metrics.reads);
         if readable_left != 0 {
@@ -376,6 +401,7 @@ impl Block {
             .disk
             .read_at(frames, offset, &self.segments)
             .map_err(|_| Fault::Io)?;
+        *written = n as u64;
         add(&self.metrics.bytes_read, n as u64);
         if (n as u64) < len {
             Err(Fault::Io)
@@ -512,38 +538,55 @@ impl VirtioDevice for Block {
         // Nothing in the configuration is writable (no CONFIG_WCE).
     }
 
+    fn chain_limit(&self, _index: usize) -> u64 {
+        // Header, the most data one request can move, status.
+        let data = (u64::from(SEG_MAX) * u64::from(SIZE_MAX))
+            .min(self.disk.size())
+            .max(u64::from(VIRTIO_BLK_ID_BYTES));
+        HEADER_SIZE + data + 1
+    }
+
     fn process_queue(
         &mut self,
         _index: usize,
         queue: &mut Queue,
         frames: &GuestFrames,
-    ) -> Result<bool, QueueError> {
-        let mut used = false;
+    ) -> Result<Processed, QueueError> {
+        let mut done = Processed::default();
+        let (mut chains, mut bytes) = (0, 0);
         loop {
+            if chains >= BATCH_CHAINS || bytes >= BATCH_BYTES {
+                done.more = queue.has_available(frames)?;
+                return Ok(done);
+            }
+            chains += 1;
             let chain = match queue.pop(frames) {
                 Ok(Some(chain)) => chain,
-                Ok(None) => return Ok(used),
+                Ok(None) => return Ok(done),
                 Err(QueueError::BadChain { .. }) => {
                     bump(&self.metrics.bad_chain);
-                    used = true;
+                    done.used = true;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let len = match self.execute(&chain, frames) {
-                Some((status, len)) => {
+            let moved = self.bytes_moved();
+            let result = self.execute(&chain, frames);
+            bytes += self.bytes_moved() - moved;
+            let len = match result {
+                Some((status, written)) => {
                     // The status is the last writable byte (there is one).
                     let mut writer = chain.writer();
                     let at = writer.remaining() - 1;
                     let _ = writer
                         .skip(at)
                         .and_then(|()| writer.write_all(frames, &[status]));
-                    len
+                    u32::try_from(written + 1).unwrap_or(u32::MAX)
                 }
                 None => 0,
             };
             queue.add_used(frames, chain, len)?;
-            used = true;
+            done.used = true;
         }
     }
 

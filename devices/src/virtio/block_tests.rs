@@ -48,6 +48,7 @@ fn rig(name: &str, read_only: bool) -> Rig {
     let frames = GuestFrames::new(32 << 20, Backing::Anonymous).unwrap();
     let mut queue = Queue::new(MAX_QUEUE_SIZE);
     queue.set_indirect(true);
+    queue.set_chain_limit(block.chain_limit(0));
     Rig {
         frames,
         path,
@@ -88,6 +89,7 @@ impl Rig {
             self.block
                 .process_queue(0, &mut self.queue, frames)
                 .unwrap()
+                .used
         );
         assert_eq!(driver.used_idx(), used_before.wrapping_add(1));
         let (_, len) = driver.used_elem(used_before);
@@ -562,7 +564,7 @@ fn block_serves_indirect_chains_and_counts_bad_chains() {
         );
         // And a malformed chain: a buffer outside RAM.
         driver.add_chain(&[(1 << 40, 16, false), (STATUS, 1, true)]);
-        assert!(r.block.process_queue(0, &mut r.queue, frames).unwrap());
+        assert!(r.block.process_queue(0, &mut r.queue, frames).unwrap().used);
         assert_eq!(driver.used_idx(), 2);
         assert_eq!(driver.used_elem(1).1, 0);
     }
@@ -574,4 +576,238 @@ fn block_serves_indirect_chains_and_counts_bad_chains() {
         OK
     );
     assert_eq!(r.block.metrics().snapshot().bad_chain, 1);
+}
+
+/// A request: type, sector, chain, expected status and used length.
+type Case<'a> = (u32, u64, &'a [(u64, u32, bool)], u8, u32);
+
+#[test]
+fn block_used_length_is_exactly_what_the_device_wrote() {
+    let mut r = rig("used-len", false);
+    let cases: [Case<'_>; 6] = [
+        // GET_ID into 30 bytes writes the 20-byte serial and the status.
+        (
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            &[(HDR, 16, false), (DATA, 30, true), (STATUS, 1, true)],
+            OK,
+            21,
+        ),
+        (
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            &[(HDR, 16, false), (DATA, 10, true), (STATUS, 1, true)],
+            OK,
+            11,
+        ),
+        (
+            VIRTIO_BLK_T_IN,
+            2,
+            &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+            OK,
+            1025,
+        ),
+        // Refused before any data moves: only the status byte.
+        (
+            VIRTIO_BLK_T_IN,
+            DISK_SECTORS,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+            IOERR,
+            1,
+        ),
+        (
+            VIRTIO_BLK_T_OUT,
+            2,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+            OK,
+            1,
+        ),
+        (
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[(HDR, 16, false), (STATUS, 1, true)],
+            OK,
+            1,
+        ),
+    ];
+    for (kind, sector, chain, status, used) in cases {
+        r.header(kind, sector);
+        assert_eq!(r.run(chain), (status, used), "type {kind} sector {sector}");
+    }
+}
+
+/// A sparse disk image of `bytes` and a block device on it.
+fn sparse_block(name: &str, bytes: u64) -> (Block, PathBuf) {
+    let path = std::env::temp_dir().join(format!("devices-blk-{}-{name}.img", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    let disk = RawFile::open(&path, false).unwrap();
+    let mut block = Block::new(Box::new(disk), BlockConfig::default()).unwrap();
+    let features = block.avail_features();
+    block.ack_features(features);
+    (block, path)
+}
+
+fn queue_256<'a>(frames: &'a GuestFrames, block: &Block) -> (Queue, MockDriver<'a>) {
+    let mut queue = Queue::new(MAX_QUEUE_SIZE);
+    queue.set_indirect(true);
+    queue.set_chain_limit(block.chain_limit(0));
+    let driver = MockDriver::new(frames, MAX_QUEUE_SIZE, RINGS);
+    driver.configure(&mut queue);
+    (queue, driver)
+}
+
+#[test]
+fn block_serves_linux_sized_254_segment_requests_on_a_256_entry_queue() {
+    // Linux's shape: queue size 256, SEG_MAX 254, header, data and status in
+    // separate descriptors of one indirect table of 256 entries.
+    let (mut block, path) = sparse_block("linux-shape", 4 << 20);
+    let frames = GuestFrames::new(32 << 20, Backing::Anonymous).unwrap();
+    let (mut queue, mut driver) = queue_256(&frames, &block);
+    let data = |i: u64| 0x100_0000 + i * 0x1000;
+    let pattern: Vec<u8> = (0..254 * 4096u64)
+        .map(|i| (i * 31 + i / 4096) as u8)
+        .collect();
+    for (i, chunk) in pattern.chunks(4096).enumerate() {
+        frames
+            .memory()
+            .write_slice(chunk, GuestAddress(data(i as u64)))
+            .unwrap();
+    }
+    let request = |kind: u32, writable: bool| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&8u64.to_le_bytes());
+        frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
+        let mut table = vec![(HDR, 16, false)];
+        table.extend((0..254).map(|i| (data(i), 4096, writable)));
+        table.push((STATUS, 1, true));
+        table
+    };
+    // Write 254 pages at sector 8, then read them back into cleared pages.
+    driver.add_indirect_chain(GuestAddress(0x50_0000), &request(VIRTIO_BLK_T_OUT, false));
+    block.process_queue(0, &mut queue, &frames).unwrap();
+    assert_eq!(driver.used_elem(0).1, 1);
+    let status: u8 = frames.memory().read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(status, OK);
+    let file = std::fs::read(&path).unwrap();
+    assert!(
+        file[4096..4096 + pattern.len()] == pattern[..],
+        "the disk holds the data"
+    );
+    for i in 0..254 {
+        frames
+            .memory()
+            .write_slice(&[0u8; 4096], GuestAddress(data(i)))
+            .unwrap();
+    }
+    driver.add_indirect_chain(GuestAddress(0x50_0000), &request(VIRTIO_BLK_T_IN, true));
+    block.process_queue(0, &mut queue, &frames).unwrap();
+    assert_eq!(driver.used_elem(1).1, 254 * 4096 + 1);
+    let status: u8 = frames.memory().read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(status, OK);
+    let mut back = vec![0u8; pattern.len()];
+    for (i, chunk) in back.chunks_mut(4096).enumerate() {
+        frames
+            .memory()
+            .read_slice(chunk, GuestAddress(data(i as u64)))
+            .unwrap();
+    }
+    assert!(back == pattern, "the data read back is what was written");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn block_ring_of_chains_covering_all_ram_is_answered_touching_bounded_state() {
+    // 256 requests, each reading 254 MiB (all of RAM above 6 MiB) from past
+    // the end of a large disk: every one is answered IOERR in one batch, with
+    // one pin per buffer on one section counter and one dirty bit per status
+    // byte; no per-frame state is written, no data moves.
+    let (mut block, path) = sparse_block("all-ram", 64 << 30);
+    // RAM: the rings, header, table and status below 6 MiB, then 254 MiB.
+    let frames = GuestFrames::new(260 << 20, Backing::Anonymous).unwrap();
+    let (mut queue, mut driver) = queue_256(&frames, &block);
+    let capacity = block.capacity();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h[8..16].copy_from_slice(&capacity.to_le_bytes());
+    frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
+    let mut table = vec![(HDR, 16, false)];
+    table.extend((0..254).map(|i| (0x60_0000 + i * (1 << 20), 1 << 20, true)));
+    table.push((STATUS, 1, true));
+    let before = frames.state_resident_bytes().unwrap();
+    for _ in 0..MAX_QUEUE_SIZE {
+        driver.add_indirect_chain(GuestAddress(0x50_0000), &table);
+    }
+    let done = block.process_queue(0, &mut queue, &frames).unwrap();
+    assert_eq!(
+        done,
+        Processed {
+            used: true,
+            more: false
+        }
+    );
+    assert_eq!(driver.used_idx(), MAX_QUEUE_SIZE);
+    for i in 0..MAX_QUEUE_SIZE {
+        assert_eq!(driver.used_elem(i).1, 1, "IOERR status only");
+    }
+    let m = block.metrics().snapshot();
+    assert_eq!((m.ioerr, m.out_of_range, m.bytes_read), (256, 256, 0));
+    let touched = frames.state_resident_bytes().unwrap() - before;
+    assert!(touched <= 2 * 4096, "{touched} bytes of VMM state touched");
+    assert_eq!(frames.table().pins(), 3, "only the rings stay pinned");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn block_batch_ends_at_its_byte_budget_and_the_rest_follows() {
+    let (mut block, path) = sparse_block("budget", 256 << 20);
+    let frames = GuestFrames::new(128 << 20, Backing::Anonymous).unwrap();
+    let (mut queue, mut driver) = queue_256(&frames, &block);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
+    // Four reads of 16 MiB: two fill the 32 MiB budget.
+    let chunk = 16u32 << 20;
+    for i in 0..4u64 {
+        driver.add_chain(&[
+            (HDR, 16, false),
+            (0x100_0000 + i * u64::from(chunk), chunk, true),
+            (STATUS + i, 1, true),
+        ]);
+    }
+    let first = block.process_queue(0, &mut queue, &frames).unwrap();
+    assert_eq!(
+        first,
+        Processed {
+            used: true,
+            more: true
+        }
+    );
+    assert_eq!(driver.used_idx(), 2);
+    let second = block.process_queue(0, &mut queue, &frames).unwrap();
+    assert_eq!(
+        second,
+        Processed {
+            used: true,
+            more: false
+        }
+    );
+    assert_eq!(driver.used_idx(), 4);
+    assert_eq!(block.metrics().snapshot().bytes_read, 4 * u64::from(chunk));
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn block_chain_larger_than_any_request_is_refused_before_pinning() {
+    // 64 KiB of data for a 32 KiB disk can never be a legal request.
+    let mut r = rig("too-large", false);
+    r.header(VIRTIO_BLK_T_IN, 0);
+    let (_, len) = r.run(&[(HDR, 16, false), (DATA, 64 << 10, true), (STATUS, 1, true)]);
+    assert_eq!(len, 0, "returned with length 0");
+    assert_eq!(r.frames.table().pins(), 3, "only the rings are pinned");
+    assert_eq!(r.block.metrics().snapshot().bad_chain, 1);
+    r.assert_still_serves();
 }

@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::mock::MockDriver;
-use crate::virtio::{MAX_QUEUE_SIZE, QueueError};
+use crate::virtio::{MAX_QUEUE_SIZE, Processed, QueueError};
 
 const RINGS: GuestAddress = GuestAddress(0x10_0000);
 const DATA: u64 = 0x20_0000;
@@ -46,22 +46,25 @@ impl VirtioDevice for FakeDevice {
         }
     }
     fn write_config(&mut self, _: u64, _: &[u8]) {}
+    fn chain_limit(&self, _: usize) -> u64 {
+        u64::MAX
+    }
     fn process_queue(
         &mut self,
         _: usize,
         queue: &mut Queue,
         frames: &GuestFrames,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Processed, QueueError> {
         self.processed.fetch_add(1, Ordering::SeqCst);
         if *self.fail.lock().unwrap() {
             return Err(QueueError::HeadIndex(999));
         }
-        let mut used = false;
+        let mut done = Processed::default();
         while let Some(chain) = queue.pop(frames)? {
             queue.add_used(frames, chain, 1)?;
-            used = true;
+            done.used = true;
         }
-        Ok(used)
+        Ok(done)
     }
     fn reset(&mut self) {
         self.resets.fetch_add(1, Ordering::SeqCst);

@@ -7,6 +7,11 @@
 //! interrupts through an [`Interrupt`]; it calls the device's
 //! [`process_queue`](VirtioDevice::process_queue) when the driver notifies a
 //! queue (from the event loop, through an ioeventfd in the VMM).
+//!
+//! Work per call is bounded: a device serves at most [`BATCH_CHAINS`] chains
+//! or [`BATCH_BYTES`] bytes of requests per call and says whether chains are
+//! left ([`Processed::more`]); the VMM then re-arms the queue's event, so the
+//! event loop serves signals, the console and the other devices in between.
 
 pub mod block;
 pub mod mmio;
@@ -31,6 +36,24 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u32 =
 /// Feature bit: used_event / avail_event notification suppression (§2.7.10).
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+/// Most chains a device serves in one `process_queue` call: one queue's worth.
+pub const BATCH_CHAINS: usize = MAX_QUEUE_SIZE as usize;
+/// Bytes of data moved (disk or network to or from guest memory) after which a
+/// device ends its batch; the request that crosses it is still served whole,
+/// and refused requests move nothing.
+pub const BATCH_BYTES: u64 = 32 << 20;
+
+/// What one call of [`VirtioDevice::process_queue`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Processed {
+    /// Used entries were added: the transport asks the queue whether to
+    /// interrupt the driver.
+    pub used: bool,
+    /// The batch budget ran out with chains still available: process the
+    /// queue again (after the event loop has served everything else).
+    pub more: bool,
+}
+
 /// What a device model does behind a transport.
 pub trait VirtioDevice: Send + fmt::Debug {
     /// Device ID (§5: 2 for block).
@@ -47,16 +70,19 @@ pub trait VirtioDevice: Send + fmt::Debug {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space (ignored where read-only).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Handles the chains the driver made available on queue `index`. Returns
-    /// whether used entries were added (the transport then asks the queue
-    /// whether to interrupt). A fatal [`QueueError`] puts the device in
-    /// DEVICE_NEEDS_RESET; the device model handles non-fatal ones itself.
+    /// Most bytes (readable plus writable) one chain of queue `index` can
+    /// legally hold; longer chains are refused before anything is pinned.
+    fn chain_limit(&self, index: usize) -> u64;
+    /// Handles at most one batch ([`BATCH_CHAINS`], [`BATCH_BYTES`]) of the
+    /// chains the driver made available on queue `index`. A fatal
+    /// [`QueueError`] puts the device in DEVICE_NEEDS_RESET; the device model
+    /// handles non-fatal ones itself.
     fn process_queue(
         &mut self,
         index: usize,
         queue: &mut Queue,
         frames: &GuestFrames,
-    ) -> Result<bool, QueueError>;
+    ) -> Result<Processed, QueueError>;
     /// Back to the initial state (the transport resets the queues).
     fn reset(&mut self);
 }

@@ -11,16 +11,27 @@
 //!   queue (a fatal [`QueueError`]: the device needs a reset);
 //! - a malformed chain (loops, `next` out of range, nested indirect tables,
 //!   INDIRECT with NEXT, a bad indirect length, readable after writable, a
-//!   buffer outside RAM, wrapping or straddling the MMIO hole) is returned to the
-//!   driver at once with used length 0 and reported as [`QueueError::BadChain`];
-//! - walking a chain has a budget of queue-size descriptors (indirect entries
-//!   included), so every walk ends.
+//!   buffer outside RAM, wrapping or straddling the MMIO hole, more bytes than
+//!   the device could ever use) is returned to the driver at once with used
+//!   length 0 and reported as [`QueueError::BadChain`];
+//! - walking a chain has budgets, so every walk ends: queue-size descriptors
+//!   in the descriptor table (the one that points to an indirect table
+//!   included), and, inside an indirect table, its own length, which may not
+//!   exceed the queue size (as QEMU and virtio-queue count; Linux sends tables
+//!   of `seg_max + 2` entries on a queue of that size).
 //!
 //! A valid chain becomes a [`DescriptorChain`]: device-readable buffers followed
-//! by device-writable ones, each pinned (one reusable `memory::PinSet` per chain) until the chain is
-//! handed back through [`Queue::add_used`]. The two kinds are different types:
-//! only [`WritableBuffer`]s can be written, through a [`Writer`], which also
-//! marks the frames it writes dirty.
+//! by device-writable ones. Every buffer is checked to be guest RAM and the
+//! chain's total length against the device's limit ([`Queue::set_chain_limit`])
+//! *before* anything is pinned; then each buffer is pinned (one reusable
+//! `memory::PinSet` per chain, one atomic per buffer whatever its length) until
+//! the chain is handed back through [`Queue::add_used`]. The two kinds are
+//! different types: only [`WritableBuffer`]s can be written, through a
+//! [`Writer`], which also marks the frames it writes dirty.
+//!
+//! A chain carries the queue's generation, which a reset advances: a chain
+//! from before a reset can never complete a request of the queue after it
+//! ([`QueueError::StaleChain`]), even if its head number is in flight again.
 //!
 //! Notifications: `VIRTIO_F_EVENT_IDX` (§2.7.10) in both directions — the device
 //! publishes `avail_event` when it runs out of work, and [`Queue::needs_notification`]
@@ -69,7 +80,8 @@ pub enum ChainError {
     /// INDIRECT used without VIRTIO_RING_F_INDIRECT_DESC.
     #[error("Indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")]
     IndirectNotNegotiated,
-    /// An indirect table length of zero or not a multiple of 16.
+    /// An indirect table length of zero, not a multiple of 16, or of more
+    /// entries than the queue size.
     #[error("Indirect table length {0} is invalid")]
     IndirectLength(u32),
     /// A device-readable buffer after a device-writable one.
@@ -82,6 +94,14 @@ pub enum ChainError {
         addr: u64,
         /// Length.
         len: u32,
+    },
+    /// More bytes in the buffers than the device can use in one request.
+    #[error("Chain of {len} bytes exceeds the device's limit of {limit}")]
+    TooLarge {
+        /// Total bytes of the chain's buffers.
+        len: u64,
+        /// The device's limit.
+        limit: u64,
     },
     /// Guest memory could not be read.
     #[error("Cannot read a descriptor")]
@@ -139,12 +159,22 @@ pub enum QueueError {
         #[source]
         source: ChainError,
     },
+    /// A chain popped before the queue was reset: it is dropped, not
+    /// returned. Not fatal.
+    #[error("Chain at head {head} is from before a reset")]
+    StaleChain {
+        /// The chain's head.
+        head: u16,
+    },
 }
 
 impl QueueError {
     /// Whether the queue is unusable (the device must enter NEEDS_RESET).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, QueueError::BadChain { .. })
+        !matches!(
+            self,
+            QueueError::BadChain { .. } | QueueError::StaleChain { .. }
+        )
     }
 }
 
@@ -187,6 +217,7 @@ buffer_accessors!(WritableBuffer);
 #[derive(Debug)]
 pub struct DescriptorChain {
     head: u16,
+    generation: u32,
     readable: Vec<ReadableBuffer>,
     writable: Vec<WritableBuffer>,
     /// Pins on every buffer (and indirect table) until the chain is returned
@@ -198,6 +229,10 @@ impl DescriptorChain {
     /// Index of the head descriptor.
     pub fn head(&self) -> u16 {
         self.head
+    }
+    /// The generation of the queue it was popped from.
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
     /// The device-readable buffers, in chain order.
     pub fn readable(&self) -> &[ReadableBuffer] {
@@ -443,6 +478,10 @@ pub struct Queue {
     /// Buffer lists of completed chains, reused so a request allocates nothing.
     spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>, PinSet)>,
     active: bool,
+    /// Advanced by every reset; chains carry the value they were popped at.
+    generation: u32,
+    /// Most bytes (readable plus writable) a chain may hold.
+    chain_limit: u64,
 }
 
 impl Queue {
@@ -471,7 +510,26 @@ impl Queue {
             ring_pins: Vec::new(),
             spare: Vec::new(),
             active: false,
+            generation: 0,
+            chain_limit: u64::MAX,
         }
+    }
+
+    /// Sets the most bytes (readable plus writable) a chain may hold: what the
+    /// device can legally use in one request. Longer chains are refused
+    /// before their buffers are pinned. Kept across resets.
+    pub fn set_chain_limit(&mut self, bytes: u64) {
+        self.chain_limit = bytes;
+    }
+
+    /// The chain limit.
+    pub fn chain_limit(&self) -> u64 {
+        self.chain_limit
+    }
+
+    /// The current generation (advanced by each reset).
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     /// QueueNumMax.
@@ -579,9 +637,21 @@ impl Queue {
         Ok(())
     }
 
-    /// Back to the initial state: not ready, nothing in flight, rings unpinned.
+    /// Back to the initial state: not ready, nothing in flight, rings unpinned,
+    /// and a new generation, so chains popped before can no longer complete.
     pub fn reset(&mut self) {
+        let (generation, limit) = (self.generation.wrapping_add(1), self.chain_limit);
         *self = Queue::new(self.max_size);
+        self.generation = generation;
+        self.chain_limit = limit;
+    }
+
+    /// Whether the driver has made chains available that `pop` has not taken.
+    pub fn has_available(&self, frames: &GuestFrames) -> Result<bool, QueueError> {
+        if !self.active {
+            return Ok(false);
+        }
+        Ok(self.avail_idx(frames)? != self.next_avail)
     }
 
     /// Takes the next available chain, or `None` when the driver has offered
@@ -645,18 +715,28 @@ impl Queue {
         chain: DescriptorChain,
         len: u32,
     ) -> Result<(), QueueError> {
+        let head = chain.head;
+        // A chain from before a reset is not ours to return any more, even if
+        // a chain with its head number is in flight again.
+        if chain.generation != self.generation {
+            self.recycle(chain);
+            return Err(QueueError::StaleChain { head });
+        }
         if !self.active {
             return Err(QueueError::NotReady);
         }
-        let head = chain.head;
-        // A chain from before a reset is not ours to return any more.
         if !self.in_flight.remove(head) {
             return Err(QueueError::HeadIndex(head));
         }
         let len = len.min(u32::try_from(chain.writable_len()).unwrap_or(u32::MAX));
         self.push_used(frames, head, len)?;
-        // Unpin, and keep the emptied lists and the pin set for the next
-        // chains.
+        self.recycle(chain);
+        Ok(())
+    }
+
+    /// Unpins a chain's buffers and keeps its emptied lists and pin set for
+    /// the next chains.
+    fn recycle(&mut self, chain: DescriptorChain) {
         let DescriptorChain {
             mut readable,
             mut writable,
@@ -669,7 +749,6 @@ impl Queue {
         if self.spare.len() < SPARE_LISTS {
             self.spare.push((readable, writable, pins));
         }
-        Ok(())
     }
 
     /// Whether the driver wants an interrupt for the used entries added since
@@ -747,7 +826,8 @@ impl Queue {
         })
     }
 
-    /// Walks the chain at `head` within the descriptor budget.
+    /// Walks the chain at `head` within the descriptor budgets, validates
+    /// every buffer and the total length, then pins the buffers.
     fn walk(&mut self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
         let (readable, writable, pins) = match self.spare.pop() {
             Some(spare) if spare.2.belongs_to(frames) => spare,
@@ -755,10 +835,47 @@ impl Queue {
         };
         let mut chain = DescriptorChain {
             head,
+            generation: self.generation,
             readable,
             writable,
             pins,
         };
+        let indirect_table = self.collect(frames, head, &mut chain)?;
+        let total = chain.readable_len() + chain.writable_len();
+        if total > self.chain_limit {
+            return Err(ChainError::TooLarge {
+                len: total,
+                limit: self.chain_limit,
+            });
+        }
+        // Everything is RAM and the request is within bounds: pin it.
+        let DescriptorChain {
+            readable,
+            writable,
+            pins,
+            ..
+        } = &mut chain;
+        let pieces = indirect_table
+            .iter()
+            .copied()
+            .chain(readable.iter().map(|b| (b.addr, b.len)))
+            .chain(writable.iter().map(|b| (b.addr, b.len)));
+        for (addr, len) in pieces.filter(|&(_, len)| len > 0) {
+            pins.pin(addr, u64::from(len))
+                .map_err(|_| ChainError::Buffer { addr: addr.0, len })?;
+        }
+        Ok(chain)
+    }
+
+    /// Reads the descriptors of the chain at `head` into `chain`'s buffer
+    /// lists, checking each buffer is guest RAM; returns the indirect table
+    /// the chain went through, if any. Pins nothing.
+    fn collect(
+        &self,
+        frames: &GuestFrames,
+        head: u16,
+        chain: &mut DescriptorChain,
+    ) -> Result<Option<(GuestAddress, u32)>, ChainError> {
         let mem = frames.memory();
         let slice = |addr: GuestAddress, entries: u16| {
             mem.get_slice(addr, DESC_SIZE as usize * usize::from(entries))
@@ -766,8 +883,9 @@ impl Queue {
         };
         let mut table = slice(self.desc_table, self.size)?;
         let mut table_len = self.size;
-        let mut in_indirect = false;
+        let mut indirect_table = None;
         let mut index = head;
+        // Descriptors left in the current table's budget.
         let mut budget = self.size;
         loop {
             if budget == 0 {
@@ -776,7 +894,7 @@ impl Queue {
             budget -= 1;
             let desc = Self::read_desc(&table, index)?;
             if desc.has(VRING_DESC_F_INDIRECT) {
-                if in_indirect {
+                if indirect_table.is_some() {
                     return Err(ChainError::NestedIndirect);
                 }
                 if !self.indirect {
@@ -785,35 +903,35 @@ impl Queue {
                 if desc.has(VRING_DESC_F_NEXT) {
                     return Err(ChainError::IndirectWithNext);
                 }
+                let entries = u64::from(desc.len) / DESC_SIZE;
                 if desc.len == 0
                     || u64::from(desc.len) % DESC_SIZE != 0
-                    || u64::from(desc.len) / DESC_SIZE > 0xffff
+                    || entries > u64::from(self.size)
                 {
                     return Err(ChainError::IndirectLength(desc.len));
                 }
-                chain
-                    .pins
-                    .pin(GuestAddress(desc.addr), u64::from(desc.len))
-                    .map_err(|_| ChainError::Buffer {
+                let addr = GuestAddress(desc.addr);
+                if !frames.is_ram(addr, u64::from(desc.len)) {
+                    return Err(ChainError::Buffer {
                         addr: desc.addr,
                         len: desc.len,
-                    })?;
-                table_len = (u64::from(desc.len) / DESC_SIZE) as u16;
-                table = slice(GuestAddress(desc.addr), table_len)?;
-                in_indirect = true;
+                    });
+                }
+                indirect_table = Some((addr, desc.len));
+                table_len = entries as u16;
+                table = slice(addr, table_len)?;
+                // The table's own budget: its length.
+                budget = table_len;
                 index = 0;
                 continue;
             }
-            if desc.len > 0 {
-                chain
-                    .pins
-                    .pin(GuestAddress(desc.addr), u64::from(desc.len))
-                    .map_err(|_| ChainError::Buffer {
-                        addr: desc.addr,
-                        len: desc.len,
-                    })?;
-            }
             let (addr, len) = (GuestAddress(desc.addr), desc.len);
+            if len > 0 && !frames.is_ram(addr, u64::from(len)) {
+                return Err(ChainError::Buffer {
+                    addr: desc.addr,
+                    len,
+                });
+            }
             if desc.has(VRING_DESC_F_WRITE) {
                 chain.writable.push(WritableBuffer { addr, len });
             } else {
@@ -823,7 +941,7 @@ impl Queue {
                 chain.readable.push(ReadableBuffer { addr, len });
             }
             if !desc.has(VRING_DESC_F_NEXT) {
-                return Ok(chain);
+                return Ok(indirect_table);
             }
             if desc.next >= table_len {
                 return Err(ChainError::DescriptorIndex(desc.next));

@@ -163,12 +163,130 @@ fn queue_rejects_chain_longer_than_queue_size() {
     let chain = serve_one(&mut queue, &frames);
     assert_eq!(chain.readable().len(), usize::from(SIZE));
     queue.add_used(&frames, chain, 0).unwrap();
-    // An indirect table of SIZE entries plus the queue descriptor is SIZE + 1.
-    let table = GuestAddress(DATA + 0x10000);
+    // SIZE - 1 descriptors, then one pointing to an indirect table: SIZE in
+    // the queue's table, within its budget; the table has its own.
     queue.set_indirect(true);
+    let table = GuestAddress(DATA + 0x10000);
+    driver.write_descriptor_at(table, 0, RawDescriptor::new(DATA, 16, 0, 0));
+    for i in 0..SIZE {
+        let d = if i + 1 < SIZE {
+            RawDescriptor::new(DATA, 16, NEXT, i + 1)
+        } else {
+            RawDescriptor::new(table.0, 16, INDIRECT, 0)
+        };
+        driver.write_descriptor(i, d);
+    }
+    driver.publish(0);
+    let chain = serve_one(&mut queue, &frames);
+    assert_eq!(chain.readable().len(), usize::from(SIZE));
+    queue.add_used(&frames, chain, 0).unwrap();
+    assert_still_serves(&mut queue, &mut driver, &frames);
+}
+
+#[test]
+fn queue_indirect_table_has_its_own_budget_of_its_length() {
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    queue.set_indirect(true);
+    let table = GuestAddress(DATA + 0x10000);
+    // A table of exactly SIZE entries: served whole (its descriptor in the
+    // queue's table does not count against it).
+    let all: Vec<_> = (0..SIZE)
+        .map(|i| (DATA + u64::from(i) * 64, 64, false))
+        .collect();
     driver.add_indirect_chain(table, &all);
+    let chain = serve_one(&mut queue, &frames);
+    assert_eq!(chain.readable().len(), usize::from(SIZE));
+    queue.add_used(&frames, chain, 0).unwrap();
+    // One entry more than the queue size is refused, however it links.
+    let more: Vec<_> = (0..=SIZE).map(|_| (DATA, 64, false)).collect();
+    driver.add_indirect_chain(table, &more);
+    assert_bad_chain(
+        queue.pop(&frames),
+        ChainError::IndirectLength(16 * (u32::from(SIZE) + 1)),
+    );
+    // A loop inside a table ends at the table's budget.
+    driver.write_descriptor_at(table, 0, RawDescriptor::new(DATA, 16, NEXT, 1));
+    driver.write_descriptor_at(table, 1, RawDescriptor::new(DATA, 16, NEXT, 0));
+    driver.write_descriptor(3, RawDescriptor::new(table.0, 32, INDIRECT, 0));
+    driver.publish(3);
     assert_bad_chain(queue.pop(&frames), ChainError::TooLong);
     assert_still_serves(&mut queue, &mut driver, &frames);
+}
+
+#[test]
+fn queue_serves_a_linux_sized_chain_on_a_256_entry_queue() {
+    // What Linux's virtio-blk sends with SEG_MAX 254 on QueueNumMax 256: one
+    // queue descriptor pointing to a table of header + 254 data + status.
+    let frames = GuestFrames::new(64 << 20, Backing::Anonymous).unwrap();
+    let mut queue = Queue::new(MAX_QUEUE_SIZE);
+    queue.set_indirect(true);
+    let mut driver = MockDriver::new(&frames, MAX_QUEUE_SIZE, RINGS);
+    driver.configure(&mut queue);
+    let mut table = vec![(DATA, 16, false)];
+    table.extend((0..254).map(|i| (DATA + 0x1000 + i * 0x1000, 4096, true)));
+    table.push((DATA + 0x10_0000, 1, true));
+    assert_eq!(table.len(), usize::from(MAX_QUEUE_SIZE));
+    let head = driver.add_indirect_chain(GuestAddress(DATA + 0x20_0000), &table);
+    let chain = serve_one(&mut queue, &frames);
+    assert_eq!(chain.head(), head);
+    assert_eq!((chain.readable().len(), chain.writable().len()), (1, 255));
+    assert_eq!(chain.writable_len(), 254 * 4096 + 1);
+    queue.add_used(&frames, chain, 254 * 4096 + 1).unwrap();
+    assert_eq!(driver.used_elem(0), (u32::from(head), 254 * 4096 + 1));
+}
+
+#[test]
+fn queue_refuses_a_chain_over_the_device_limit_before_pinning() {
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    queue.set_chain_limit(4096 + 17);
+    let rings = frames.table().pins();
+    driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 8192, true)]);
+    assert_bad_chain(
+        queue.pop(&frames),
+        ChainError::TooLarge {
+            len: 8208,
+            limit: 4113,
+        },
+    );
+    assert_eq!(frames.table().pins(), rings, "nothing pinned");
+    assert_eq!(driver.used_elem(0), (0, 0), "returned with length 0");
+    // Exactly at the limit is fine.
+    driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 4097, true)]);
+    let chain = serve_one(&mut queue, &frames);
+    queue.add_used(&frames, chain, 1).unwrap();
+    queue.reset();
+    assert_eq!(queue.chain_limit(), 4113, "kept across a reset");
+}
+
+#[test]
+fn queue_chain_from_before_a_reset_cannot_complete_a_new_request() {
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 8, true)]);
+    let old = serve_one(&mut queue, &frames);
+    assert_eq!(old.head(), 0);
+    // The driver resets the device and sets the queue up again; its first
+    // new request reuses head 0 and is in flight when the old chain comes back.
+    queue.reset();
+    let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+    driver.configure(&mut queue);
+    let new = {
+        driver.add_chain(&[(DATA, 16, false), (DATA + 0x2000, 8, true)]);
+        serve_one(&mut queue, &frames)
+    };
+    assert_eq!((new.head(), queue.in_flight()), (0, 1));
+    assert!(old.generation() != new.generation());
+    match queue.add_used(&frames, old, 8) {
+        Err(e @ QueueError::StaleChain { head: 0 }) => assert!(!e.is_fatal()),
+        other => panic!("expected StaleChain, got {other:?}"),
+    }
+    assert_eq!(driver.used_idx(), 0, "nothing published for the old chain");
+    assert_eq!(queue.in_flight(), 1, "the new request is still in flight");
+    queue.add_used(&frames, new, 8).unwrap();
+    assert_eq!(driver.used_elem(0), (0, 8));
+    assert_eq!(frames.table().pins(), 3, "only the rings stay pinned");
 }
 
 // §2: indices and indirect tables.

@@ -131,7 +131,9 @@ pub fn run(data: &[u8]) {
                 let n = [1, 2, 4, 8][usize::from(width % 4)];
                 t.read(offset, &mut b[..n]);
             }
-            2 => t.process_queue(usize::from(width % 2)),
+            2 => {
+                let _ = t.process_queue(usize::from(width % 2));
+            }
             _ => {
                 let wide = u64::from(value) | (u64::from(value) << 32);
                 let n = [1, 2, 3, 4, 8][usize::from(width % 5)];
