@@ -3,16 +3,20 @@
 //! (`GuestFrames::read_file_at` / `write_file_at`: preadv/pwritev on guest
 //! memory, no bounce buffer).
 //!
-//! `RawFile::open` takes an advisory lock (`flock`: exclusive for a writable
+//! `RawFile::open` refuses anything but a regular file before opening it for
+//! I/O (a FIFO would block, a device node run its open side effects: see
+//! `crate::file`), then takes an advisory lock (`flock`: exclusive for a writable
 //! disk, shared for a read-only one) without waiting, so two VMs cannot write
 //! one image. An image must be a non-empty regular file; a size that is not a
 //! multiple of 512 bytes is refused (the device speaks whole sectors).
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use memory::GuestFrames;
+
+use crate::file::{OpenError, open_regular};
 use vm_memory::GuestAddress;
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 
@@ -22,12 +26,10 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Why a disk image cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    /// The file cannot be opened.
-    #[error("Cannot open {}", .0.display())]
-    Open(PathBuf, #[source] io::Error),
-    /// A directory or other non-regular file.
-    #[error("{} is not a regular file (a directory?)", .0.display())]
-    NotAFile(PathBuf),
+    /// The file cannot be opened, or is not a regular file (a directory, a
+    /// FIFO, a device: refused before it is opened for I/O).
+    #[error("Cannot use {} as a disk image", .0.display())]
+    Open(PathBuf, #[source] OpenError),
     /// An empty file.
     #[error("{} is empty", .0.display())]
     Empty(PathBuf),
@@ -78,20 +80,10 @@ pub struct RawFile {
 impl RawFile {
     /// Opens and locks the image at `path`.
     pub fn open(path: &Path, read_only: bool) -> Result<RawFile, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EISDIR) => DiskError::NotAFile(path.into()),
-                _ => DiskError::Open(path.into(), e),
-            })?;
+        let file = open_regular(path, !read_only).map_err(|e| DiskError::Open(path.into(), e))?;
         let meta = file
             .metadata()
-            .map_err(|e| DiskError::Open(path.into(), e))?;
-        if !meta.is_file() {
-            return Err(DiskError::NotAFile(path.into()));
-        }
+            .map_err(|e| DiskError::Open(path.into(), OpenError::Io(e)))?;
         let size = meta.len();
         if size == 0 {
             return Err(DiskError::Empty(path.into()));
@@ -184,13 +176,18 @@ mod tests {
         ));
         let dir = temp_path("dir");
         std::fs::create_dir_all(&dir).unwrap();
+        for read_only in [false, true] {
+            assert!(matches!(
+                RawFile::open(&dir, read_only),
+                Err(DiskError::Open(_, OpenError::NotRegular("a directory")))
+            ));
+        }
         assert!(matches!(
-            RawFile::open(&dir, false),
-            Err(DiskError::NotAFile(_))
-        ));
-        assert!(matches!(
-            RawFile::open(&dir, true),
-            Err(DiskError::NotAFile(_))
+            RawFile::open(Path::new("/dev/zero"), true),
+            Err(DiskError::Open(
+                _,
+                OpenError::NotRegular("a character device")
+            ))
         ));
         let empty = temp_path("empty");
         std::fs::write(&empty, b"").unwrap();

@@ -9,4 +9,5 @@
 
 pub mod bus;
 pub mod disk;
+pub mod file;
 pub mod virtio;

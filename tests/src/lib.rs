@@ -327,3 +327,27 @@ pub fn vmlinux_elf(entry: u64, code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(code);
     elf
 }
+
+/// Where [`bzimage`]'s protected-mode code is loaded.
+pub const BZIMAGE_LOAD: u64 = 0x10_0000;
+
+/// A minimal bzImage (boot protocol `version`, `xloadflags`) whose
+/// protected-mode part is `code` placed at offset 0x200, where the 64-bit entry
+/// point of a bzImage is: four setup sectors plus the boot sector, then the
+/// kernel.
+pub fn bzimage(version: u16, xloadflags: u16, code: &[u8]) -> Vec<u8> {
+    const SETUP_SECTS: u8 = 4;
+    let setup = (usize::from(SETUP_SECTS) + 1) * 512;
+    let mut image = vec![0u8; setup + 0x200];
+    let mut put = |at: usize, bytes: &[u8]| image[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0x1f1, &[SETUP_SECTS]);
+    put(0x1fe, &0xaa55u16.to_le_bytes()); // boot_flag
+    put(0x202, b"HdrS");
+    put(0x206, &version.to_le_bytes());
+    put(0x211, &[1]); // loadflags: LOADED_HIGH
+    put(0x214, &(BZIMAGE_LOAD as u32).to_le_bytes()); // code32_start
+    put(0x236, &xloadflags.to_le_bytes());
+    put(0x260, &0x10000u32.to_le_bytes()); // init_size
+    image.extend_from_slice(code);
+    image
+}

@@ -376,3 +376,22 @@ fn block_dma_buffers_stay_below_4gib_with_3g_of_ram() {
     outcome.line("testguest: check dma: ok");
     assert_eq!(fs::read(&image.path).unwrap(), expected_after_writes(&data));
 }
+
+#[test]
+fn block_devices_are_announced_before_init_arguments_after_a_double_dash() {
+    let image = Image::new("init-args", &noise(1 << 20, 3));
+    let Some(outcome) = boot(
+        "block_devices_are_announced_before_init_arguments",
+        &[image.arg("")],
+        "console=ttyS0 testguest.blk=read -- single init.arg=1",
+    ) else {
+        return;
+    };
+    assert_passed(&outcome);
+    assert_eq!(
+        outcome.line("testguest: cmdline: ").trim_end(),
+        "console=ttyS0 testguest.blk=read virtio_mmio.device=4K@0xd0000000:5 -- single init.arg=1",
+        "{outcome}"
+    );
+    outcome.line("testguest: blk0: read past end: IOERR (expected)");
+}

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::{
-    Outcome, Running, VMLINUX_LOAD, kvm_or_skip, minivmm, minivmm_bin, test_guest, vmlinux_elf,
+    Outcome, Running, VMLINUX_LOAD, bzimage, kvm_or_skip, minivmm, minivmm_bin, test_guest,
+    vmlinux_elf,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -323,4 +324,46 @@ fn boot_elf_without_pvh_note_enters_64_bit_with_zero_page() {
     // 32 + 7: long mode, entry at e_entry, a zero page with our cmdline.
     assert_eq!(outcome.code(), 39, "{outcome}");
     assert!(outcome.stderr.contains("wrote 7"), "{outcome}");
+}
+
+#[test]
+fn boot_bzimage_with_64_bit_entry_is_entered_at_load_address_plus_0x200() {
+    if !kvm_or_skip("boot_bzimage_with_64_bit_entry_is_entered_at_load_address_plus_0x200") {
+        return;
+    }
+    // mov al, 5; out 0xf4, al; hlt (the same bytes in 64-bit mode).
+    let code = [0xb0, 0x05, 0xe6, 0xf4, 0xf4];
+    let path = std::env::temp_dir().join(format!("minivmm-bz64-{}.img", std::process::id()));
+    std::fs::write(&path, bzimage(0x020f, 1, &code)).unwrap();
+    let outcome = minivmm(
+        ["--kernel", path.to_str().unwrap(), "--mem", "64M"],
+        TIMEOUT,
+    );
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(outcome.code(), 32 + 5, "{outcome}");
+}
+
+#[test]
+fn boot_with_stdout_closed_logs_one_line_and_runs_to_the_end() {
+    if !kvm_or_skip("boot_with_stdout_closed_logs_one_line_and_runs_to_the_end") {
+        return;
+    }
+    let mut child = Command::new(minivmm_bin())
+        .args(["--kernel", test_guest().to_str().unwrap(), "--mem", "128M"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end at once: every console write fails with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one warning, not one per byte: {stderr}"
+    );
+    assert!(stderr.contains("console output failed"), "{stderr}");
 }

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::{
-    Outcome, VMLINUX_LOAD, kvm_or_skip, minivmm, minivmm_bin, run_with_timeout, test_guest,
-    vmlinux_elf,
+    Outcome, VMLINUX_LOAD, bzimage, kvm_or_skip, minivmm, minivmm_bin, run_with_timeout,
+    test_guest, vmlinux_elf,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,7 +91,74 @@ fn cli_kernel_that_cannot_be_read_is_reported() {
         &["Cannot read", "no-such-kernel", "No such file"],
     );
     let outcome = minivmm(["--kernel".as_ref(), dir.as_os_str()], TIMEOUT);
-    assert_one_line_error(&outcome, 1, &["is a directory"]);
+    assert_one_line_error(&outcome, 1, &["a directory, not a regular file"]);
+}
+
+#[test]
+fn cli_fifo_or_device_node_as_kernel_initrd_or_disk_is_refused_at_once() {
+    let dir = scratch("special-files");
+    let fifo = dir.join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let guest = test_guest();
+    let cases: [(&[&std::ffi::OsStr], &str); 5] = [
+        (&["--kernel".as_ref(), fifo.as_os_str()], "a FIFO"),
+        (
+            &["--kernel".as_ref(), "/dev/zero".as_ref()],
+            "a character device",
+        ),
+        (
+            &[
+                "--kernel".as_ref(),
+                guest.as_os_str(),
+                "--initrd".as_ref(),
+                fifo.as_os_str(),
+            ],
+            "a FIFO",
+        ),
+        (
+            &[
+                "--kernel".as_ref(),
+                guest.as_os_str(),
+                "--disk".as_ref(),
+                fifo.as_os_str(),
+            ],
+            "a FIFO",
+        ),
+        (
+            &[
+                "--kernel".as_ref(),
+                guest.as_os_str(),
+                "--disk".as_ref(),
+                "/dev/null".as_ref(),
+            ],
+            "a character device",
+        ),
+    ];
+    for (args, needle) in cases {
+        // A FIFO nobody writes would block open(2) forever: the timeout is
+        // the test.
+        let outcome = minivmm(args, TIMEOUT);
+        assert_one_line_error(&outcome, 1, &[needle, "not a regular file"]);
+    }
+}
+
+#[test]
+fn cli_bzimage_without_64_bit_entry_is_refused_before_it_runs() {
+    let dir = scratch("bzimage-32");
+    let code = [0xf4; 16];
+    // A 2.15 kernel without XLF_KERNEL_64, and a 2.11 one (no xloadflags).
+    let no_64 = file_with(&dir, "no-xlf-64", &bzimage(0x020f, 0, &code));
+    let old = file_with(&dir, "protocol-2.11", &bzimage(0x020b, 1, &code));
+    for kernel in [no_64, old] {
+        let outcome = minivmm(["--kernel".as_ref(), kernel.as_os_str()], TIMEOUT);
+        assert_one_line_error(&outcome, 1, &["has no 64-bit entry point"]);
+    }
 }
 
 #[test]

@@ -41,6 +41,10 @@ const LOW_LIMIT: GuestAddress = LEGACY_HOLE;
 const MAX_CMDLINE: usize = 4096;
 /// Most e820 entries a zero page holds.
 const E820_MAX: usize = 128;
+/// Boot protocol version that introduced `xloadflags` (2.12).
+const BOOT_PROTOCOL_XLOADFLAGS: u16 = 0x020c;
+/// `xloadflags`: the kernel has the 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
 
 /// Errors while loading the kernel or building its boot structures.
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +52,10 @@ pub enum Error {
     /// The kernel or initrd file cannot be opened or read.
     #[error("Cannot read {}", .0.display())]
     Read(PathBuf, #[source] io::Error),
-    /// A directory was given as a file.
-    #[error("{} is a directory", .0.display())]
-    IsDirectory(PathBuf),
+    /// Not a regular file (a directory, a FIFO, a device), or it cannot be
+    /// opened: refused before it is opened for reading.
+    #[error("Cannot read {}", .0.display())]
+    Open(PathBuf, #[source] devices::file::OpenError),
     /// The image cannot fit in guest RAM at all.
     #[error("Kernel image {} ({size} bytes) is larger than guest RAM ({ram} bytes)", path.display())]
     KernelTooLarge {
@@ -76,6 +81,10 @@ pub enum Error {
         /// End of the loaded segments.
         end: u64,
     },
+    /// A bzImage without the 64-bit entry point minivmm enters it at
+    /// (`XLF_KERNEL_64`, boot protocol 2.12).
+    #[error("{} has no 64-bit entry point (a 32-bit or pre-2.12 bzImage)", .0.display())]
+    No64BitEntry(PathBuf),
     /// An empty initrd.
     #[error("Initrd {} is empty", .0.display())]
     EmptyInitrd(PathBuf),
@@ -123,6 +132,10 @@ pub struct BootConfig<'a> {
     pub initrd: Option<&'a Path>,
     /// Command line, passed as given.
     pub cmdline: &'a str,
+    /// virtio-mmio devices to announce on it, as `(base, size, irq)`:
+    /// `virtio_mmio.device=` words among the kernel's own arguments, before
+    /// any ` -- ` (after it, Linux hands words to init).
+    pub virtio_mmio: &'a [(u64, u64, u32)],
     /// vCPUs, for the MP table.
     pub cpus: u8,
 }
@@ -157,13 +170,15 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
         Some(hdr) if hdr.cmdline_size > 0 => hdr.cmdline_size as usize + 1,
         _ => MAX_CMDLINE,
     };
-    let cmdline = Cmdline::try_from(config.cmdline, cmdline_capacity).map_err(Error::Cmdline)?;
-    let cmdline_addr = frames.place(
-        Purpose::Cmdline,
-        config.cmdline.len() as u64 + 1,
-        16,
-        LOW_LIMIT,
-    )?;
+    let cmdline = kernel_cmdline(config.cmdline, cmdline_capacity, config.virtio_mmio)
+        .map_err(Error::Cmdline)?;
+    // Without its NUL.
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(Error::Cmdline)?
+        .as_bytes()
+        .len();
+    let cmdline_addr = frames.place(Purpose::Cmdline, cmdline_len as u64 + 1, 16, LOW_LIMIT)?;
     loader::load_cmdline(frames.memory(), cmdline_addr, &cmdline).map_err(Error::WriteCmdline)?;
 
     let initrd = match config.initrd {
@@ -204,7 +219,7 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
                 boot_params,
                 hdr,
                 cmdline_addr,
-                config.cmdline.len(),
+                cmdline_len,
                 initrd,
                 &e820,
             )?
@@ -221,17 +236,30 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
     })
 }
 
+/// The command line the kernel gets: the user's, with a `virtio_mmio.device=`
+/// word per device added to the kernel's own arguments (before any ` -- `).
+fn kernel_cmdline(
+    user: &str,
+    capacity: usize,
+    devices: &[(u64, u64, u32)],
+) -> Result<Cmdline, linux_loader::cmdline::Error> {
+    let mut cmdline = Cmdline::try_from(user, capacity)?;
+    for &(base, size, irq) in devices {
+        cmdline.add_virtio_mmio_device(size, GuestAddress(base), irq, None)?;
+    }
+    Ok(cmdline)
+}
+
 struct Loaded {
     result: KernelLoaderResult,
     entry: GuestAddress,
     pvh_entry: Option<GuestAddress>,
 }
 
+/// Opens a kernel or initrd: a regular file, checked before it is opened for
+/// reading (a FIFO would block, a device node run its open side effects).
 fn open(path: &Path) -> Result<File, Error> {
-    if path.is_dir() {
-        return Err(Error::IsDirectory(path.into()));
-    }
-    File::open(path).map_err(|e| Error::Read(path.into(), e))
+    devices::file::open_regular(path, false).map_err(|e| Error::Open(path.into(), e))
 }
 
 /// Loads the image and reserves its footprint.
@@ -268,6 +296,11 @@ fn load_kernel(frames: &GuestFrames, path: &Path, file: &mut File) -> Result<Loa
     } else {
         let result = BzImage::load(mem, None, file, Some(HIMEM_START)).map_err(bad)?;
         let hdr = result.setup_header.unwrap_or_default();
+        // minivmm enters at load address + 0x200 in long mode; a kernel that
+        // does not say it has that entry would run garbage and triple-fault.
+        if hdr.version < BOOT_PROTOCOL_XLOADFLAGS || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(Error::No64BitEntry(path.into()));
+        }
         let image = result.kernel_end.saturating_sub(result.kernel_load.0);
         // The kernel decompresses itself into `init_size` bytes from its load address.
         frames.place_at(
@@ -419,4 +452,36 @@ fn write_start_info(
         params.set_modules(&[module], modlist_addr);
     }
     PvhBootConfigurator::write_bootparams(&params, frames.memory()).map_err(Error::BootParams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(c: &Cmdline) -> String {
+        c.as_cstring().unwrap().into_string().unwrap()
+    }
+
+    #[test]
+    fn virtio_devices_go_before_the_init_arguments() {
+        let devices = [(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 6)];
+        let c = kernel_cmdline("console=ttyS0 -- single  init=x", 4096, &devices).unwrap();
+        assert_eq!(
+            text(&c),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:6 -- single  init=x"
+        );
+        let plain = kernel_cmdline("console=ttyS0", 4096, &devices[..1]).unwrap();
+        assert_eq!(
+            text(&plain),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(text(&kernel_cmdline("a b", 4096, &[]).unwrap()), "a b");
+    }
+
+    #[test]
+    fn device_words_that_do_not_fit_are_an_error() {
+        let devices = [(0xd000_0000, 0x1000, 5)];
+        assert!(kernel_cmdline("console=ttyS0", 20, &devices).is_err());
+    }
 }

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod cli;
+pub mod console;
 pub mod exit;
 pub mod logger;
 pub mod pio;

@@ -3,12 +3,13 @@
 //! logged once so a guest cannot flood the log.
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::{Serial, Trigger};
+use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::console::ConsoleSerial;
 use crate::exit::{ExitLatch, VmExit};
 
 /// COM1 base port and its eight registers.
@@ -34,14 +35,12 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// The console UART.
-pub type ConsoleSerial = Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
-
 /// Devices reached through `in`/`out`.
 pub struct PioBus {
     serial: Arc<Mutex<ConsoleSerial>>,
     exit: Arc<ExitLatch>,
     logged: Mutex<HashSet<u16>>,
+    serial_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for PioBus {
@@ -57,6 +56,7 @@ impl PioBus {
             serial,
             exit,
             logged: Mutex::new(HashSet::new()),
+            serial_failed: AtomicBool::new(false),
         }
     }
 
@@ -80,8 +80,12 @@ impl PioBus {
     pub fn write(&self, port: u16, data: &[u8]) {
         match (port, data) {
             (COM1..=0x3ff, [value]) => {
-                if let Err(e) = self.serial().write((port - COM1) as u8, *value) {
-                    log::warn!("serial: {e:?}");
+                // Output errors are the console's (logged once there); this
+                // is the interrupt eventfd failing.
+                if let Err(e) = self.serial().write((port - COM1) as u8, *value)
+                    && !self.serial_failed.swap(true, Ordering::Relaxed)
+                {
+                    log::warn!("serial: {e:?} (logged once)");
                 }
             }
             (I8042_COMMAND, [I8042_RESET]) => self.exit.stop(VmExit::Reset),
@@ -106,6 +110,7 @@ impl PioBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[derive(Clone, Default)]
@@ -123,7 +128,7 @@ mod tests {
     fn new_bus() -> (PioBus, Sink, Arc<ExitLatch>) {
         let sink = Sink::default();
         let trigger = IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
-        let serial = Serial::new(trigger, Box::new(sink.clone()) as Box<dyn Write + Send>);
+        let (serial, _) = crate::console::serial(trigger, Box::new(sink.clone())).unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
         (
             PioBus::new(Arc::new(Mutex::new(serial)), exit.clone()),

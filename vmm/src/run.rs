@@ -2,7 +2,7 @@
 //! `VmExit` that ended it, with every exit path stopping and joining all vCPU
 //! threads and restoring the terminal.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,15 +10,14 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use memory::GuestFrames;
 use memory::guest::Backing;
-use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::register_signal_handler;
-use vmm_sys_util::terminal::Terminal;
 
 use crate::boot::{self, BootConfig};
+use crate::console::{self, ConsoleInput, ConsoleSerial, RawTerminal};
 use crate::exit::{ExitLatch, VmExit};
-use crate::pio::{COM1_IRQ, ConsoleSerial, IrqTrigger, PioBus};
+use crate::pio::{COM1_IRQ, IrqTrigger, PioBus};
 use crate::vcpu::{self, Buses, VcpuThreads};
 use crate::virtio::{self, DiskConfig, QueueNotifier};
 use crate::vm::{self, Vm};
@@ -84,21 +83,18 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let frames = Arc::new(GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?);
     // Devices first: a bad disk is reported before anything else is built.
     let devices = virtio::open_disks(&config.disks)?;
-    let cmdline = format!(
-        "{}{}",
-        config.cmdline,
-        virtio::cmdline_entries(devices.len())
-    );
+    let slots = virtio::slots(devices.len());
     let boot_config = BootConfig {
         kernel: &config.kernel,
         initrd: config.initrd.as_deref(),
-        cmdline: &cmdline,
+        cmdline: &config.cmdline,
+        virtio_mmio: &slots,
         cpus: config.cpus,
     };
     let boot = boot::load(&frames, &boot_config)?;
     let vm = Vm::new(&frames)?;
     let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
-    let serial = attach_serial(&vm)?;
+    let (serial, console) = attach_serial(&vm)?;
     let mut mmio = MmioBus::new();
     let notifiers = virtio::attach(&vm, &frames, &mut mmio, devices)?;
     let buses = Arc::new(Buses {
@@ -120,7 +116,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
         }
     }
     let loop_result = match spawn_error {
-        None => event_loop(&exit, serial, notifiers),
+        None => event_loop(&exit, console, notifiers),
         Some(e) => Err(e),
     };
     // Every path stops and joins every vCPU before returning.
@@ -146,27 +142,31 @@ fn host_memory() -> u64 {
     }
 }
 
-/// COM1 on stdout, its IRQ raised through an irqfd.
-fn attach_serial(vm: &Vm) -> Result<Arc<Mutex<ConsoleSerial>>, Error> {
+/// COM1 on stdout, its IRQ raised through an irqfd; and the event loop's
+/// side of it, reading stdin.
+fn attach_serial(vm: &Vm) -> Result<(Arc<Mutex<ConsoleSerial>>, ConsoleInput), Error> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("the serial irqfd", e))?;
     vm.fd()
         .register_irqfd(&irq, COM1_IRQ)
         .map_err(|e| vm::Error::Kvm("IRQFD", e))?;
-    let out: Box<dyn Write + Send> = Box::new(io::stdout());
-    Ok(Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out))))
+    let (serial, room) = console::serial(IrqTrigger(irq), Box::new(io::stdout()))
+        .map_err(|e| Error::Host("the console", e))?;
+    let serial = Arc::new(Mutex::new(serial));
+    let stdin = ConsoleInput::stdin().map_err(|e| Error::Host("the console's stdin", e))?;
+    Ok((serial.clone(), ConsoleInput::new(serial, stdin, room)))
 }
 
 /// Runs the event loop on this thread until the VM stops.
 fn event_loop(
     exit: &Arc<ExitLatch>,
-    serial: Arc<Mutex<ConsoleSerial>>,
+    console: ConsoleInput,
     notifiers: Vec<QueueNotifier>,
 ) -> Result<(), Error> {
     let host =
         |e: event_manager::Error| Error::Host("the event loop", io::Error::other(e.to_string()));
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(host)?;
-    manager.add_subscriber(Arc::new(Mutex::new(Console { serial, dropped: 0 })));
+    manager.add_subscriber(Arc::new(Mutex::new(console)));
     manager.add_subscriber(Arc::new(Mutex::new(StopWatcher(exit.clone()))));
     for notifier in notifiers {
         manager.add_subscriber(Arc::new(Mutex::new(notifier)));
@@ -179,43 +179,6 @@ fn event_loop(
         }
     }
     Ok(())
-}
-
-/// Feeds stdin to the guest's UART.
-struct Console {
-    serial: Arc<Mutex<ConsoleSerial>>,
-    dropped: u64,
-}
-
-impl MutEventSubscriber for Console {
-    fn init(&mut self, ops: &mut EventOps) {
-        // stdin may be a file or /dev/null, which epoll refuses: then no input.
-        if let Err(e) = ops.add(Events::new(&io::stdin(), EventSet::IN)) {
-            log::debug!("stdin is not pollable ({e:?}); the guest gets no console input");
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
-        let n = match io::stdin().lock().read(&mut buf) {
-            Ok(n) if n > 0 => n,
-            _ => {
-                // EOF, hang-up or error: stop watching stdin.
-                let _ = ops.remove(events);
-                return;
-            }
-        };
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let room = serial.fifo_capacity();
-        let taken = serial.enqueue_raw_bytes(&buf[..n.min(room)]).unwrap_or(0);
-        if taken < n {
-            // The UART's FIFO is bounded: excess input is dropped, not buffered.
-            if self.dropped == 0 {
-                log::warn!("console input faster than the guest reads it: dropping input");
-            }
-            self.dropped += (n - taken) as u64;
-        }
-    }
 }
 
 /// Wakes the loop when the stop latch fires.
@@ -256,40 +219,6 @@ fn install_stop_signals(exit: &ExitLatch) -> io::Result<()> {
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     }
     Ok(())
-}
-
-/// Puts a terminal stdin in raw mode and restores its exact settings on drop.
-struct RawTerminal {
-    saved: Option<libc::termios>,
-}
-
-impl RawTerminal {
-    fn enter() -> Self {
-        let stdin = io::stdin();
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
-            return RawTerminal { saved: None };
-        }
-        // SAFETY: an all-zero termios is a valid value for tcgetattr to overwrite.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `saved` is a valid, writable termios.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return RawTerminal { saved: None };
-        }
-        if let Err(e) = stdin.lock().set_raw_mode() {
-            log::warn!("cannot put the terminal in raw mode: {e}");
-        }
-        RawTerminal { saved: Some(saved) }
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.saved {
-            // SAFETY: `saved` is the termios tcgetattr returned for this terminal.
-            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
-        }
-    }
 }
 
 #[cfg(test)]
@@ -381,12 +310,16 @@ mod tests {
         event.write(1).unwrap();
         let notifier = QueueNotifier::new(Arc::new(Mutex::new(t)), vec![event]);
         let exit = Arc::new(ExitLatch::new().unwrap());
-        let serial = Arc::new(Mutex::new(Serial::new(
+        let (serial, room) = console::serial(
             IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap()),
-            Box::new(io::sink()) as Box<dyn Write + Send>,
-        )));
+            Box::new(io::sink()),
+        )
+        .unwrap();
+        let (reader, _writer) = io::pipe().unwrap();
+        let input = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
+        let console = ConsoleInput::new(Arc::new(Mutex::new(serial)), input, room);
         let loop_exit = exit.clone();
-        let runner = std::thread::spawn(move || event_loop(&loop_exit, serial, vec![notifier]));
+        let runner = std::thread::spawn(move || event_loop(&loop_exit, console, vec![notifier]));
         // The device is being served batch after batch, each re-armed.
         let start = Instant::now();
         while batches.load(Ordering::Relaxed) < 100 {

@@ -72,12 +72,13 @@ pub fn slot(index: usize) -> (u64, u32) {
     )
 }
 
-/// The kernel command-line words announcing `count` devices.
-pub fn cmdline_entries(count: usize) -> String {
+/// The windows of `count` devices, as `(base, size, irq)`: what the kernel
+/// command line announces (`virtio_mmio.device=4K@0xd0000000:5`).
+pub fn slots(count: usize) -> Vec<(u64, u64, u32)> {
     (0..count)
         .map(|i| {
             let (base, irq) = slot(i);
-            format!(" virtio_mmio.device={}K@{base:#x}:{irq}", MMIO_SIZE >> 10)
+            (base, MMIO_SIZE, irq)
         })
         .collect()
 }
@@ -204,14 +205,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn virtio_slots_and_cmdline_entries_match() {
+    fn virtio_slots_follow_each_other_below_the_io_apic() {
         assert_eq!(slot(0), (0xd000_0000, 5));
         assert_eq!(slot(2), (0xd000_2000, 7));
         assert_eq!(
-            cmdline_entries(2),
-            " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+            slots(2),
+            [(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 6)]
         );
-        assert_eq!(cmdline_entries(0), "");
+        assert!(slots(0).is_empty());
         let (last_base, last_irq) = slot(MAX_DEVICES - 1);
         assert!(last_irq < 24 && last_base + MMIO_SIZE <= 0xfec0_0000);
     }

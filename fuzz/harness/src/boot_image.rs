@@ -32,6 +32,7 @@ pub fn run(data: &[u8]) {
         kernel: &path.0,
         initrd: None,
         cmdline: &cmdline,
+        virtio_mmio: &[(0xd000_0000, 0x1000, 5)],
         cpus,
     };
     if let Ok(info) = boot::load(&frames, &config) {

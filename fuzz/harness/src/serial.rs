@@ -11,7 +11,6 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use vm_superio::Serial;
 use vmm::exit::ExitLatch;
 use vmm::pio::{COM1, IrqTrigger, PioBus};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -41,10 +40,8 @@ impl Write for Sink {
 pub fn run(data: &[u8]) {
     let sink = Sink::default();
     let trigger = IrqTrigger(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-    let serial = Arc::new(Mutex::new(Serial::new(
-        trigger,
-        Box::new(sink.clone()) as Box<dyn Write + Send>,
-    )));
+    let (serial, _room) = vmm::console::serial(trigger, Box::new(sink.clone())).expect("eventfd");
+    let serial = Arc::new(Mutex::new(serial));
     let exit = Arc::new(ExitLatch::new().expect("eventfd"));
     let bus = PioBus::new(serial.clone(), exit.clone());
     let mut input = Input::new(data);
