@@ -395,3 +395,32 @@ fn block_devices_are_announced_before_init_arguments_after_a_double_dash() {
     );
     outcome.line("testguest: blk0: read past end: IOERR (expected)");
 }
+
+#[test]
+fn block_burst_of_32_reads_costs_one_notification_and_one_interrupt() {
+    let data = noise(1 << 20, 4);
+    let image = Image::new("burst", &data);
+    let Some(outcome) = boot(
+        "block_burst_of_32_reads",
+        &[image.arg("")],
+        "testguest.blk=read",
+    ) else {
+        return;
+    };
+    assert_passed(&outcome);
+    let line = outcome.line("testguest: blk0: burst 32 reads in flight: ok, fnv1a64=0x");
+    let fields: Vec<&str> = line.split([',', ' ']).filter(|f| !f.is_empty()).collect();
+    // ["<hex>", "notifications", "<n>", "interrupts", "<n>"]
+    let sum = u64::from_str_radix(fields[0], 16).unwrap();
+    assert_eq!(sum, fnv1a64(&data[..32 * SECTOR]), "{outcome}");
+    let notifications: u64 = fields[2].parse().unwrap();
+    let interrupts: u64 = fields[4].parse().unwrap();
+    // With EVENT_IDX the driver kicks once for the burst and asks for one
+    // interrupt at its end; the device serves it in one batch.
+    assert!(
+        notifications * 8 <= 32,
+        "{notifications} notifications: {outcome}"
+    );
+    assert!(interrupts * 8 <= 32, "{interrupts} interrupts: {outcome}");
+    assert_eq!((notifications, interrupts), (1, 1), "{outcome}");
+}

@@ -23,7 +23,9 @@
 //! - Completions are read from the used ring after an acquire fence; an id
 //!   that is not an outstanding head is a device error, reported, never trusted.
 //!   With EVENT_IDX the driver asks for an interrupt on the very next used
-//!   entry (`used_event` = the last index it consumed).
+//!   entry (`used_event` = the last index it consumed), or, for a batch it
+//!   submitted at once, on the batch's last one ([`Virtqueue::interrupt_after`],
+//!   as Linux's `virtqueue_enable_cb_delayed`).
 
 use core::fmt;
 use core::sync::atomic::{Ordering, fence};
@@ -31,7 +33,7 @@ use core::sync::atomic::{Ordering, fence};
 use crate::dma::{Coherent, DmaBuf, DmaError, DmaPool, Segment};
 
 /// Largest queue size the driver uses.
-pub const MAX_SIZE: u16 = 64;
+pub const MAX_SIZE: u16 = 128;
 /// Most segments in one chain.
 pub const MAX_SEGMENTS: usize = 16;
 /// Chains longer than this go through an indirect table when negotiated.
@@ -366,7 +368,26 @@ impl<'p> Virtqueue<'p> {
 
     /// Whether the used ring holds entries the driver has not taken.
     pub fn has_used(&self) -> bool {
-        self.ring.load_u16(self.used_offset + 2) != self.last_used
+        self.used_pending() != 0
+    }
+
+    /// Used entries the driver has not taken yet.
+    pub fn used_pending(&self) -> u16 {
+        self.ring
+            .load_u16(self.used_offset + 2)
+            .wrapping_sub(self.last_used)
+    }
+
+    /// With EVENT_IDX: asks for the next interrupt only once `n` more chains
+    /// have completed (§2.7.10 `used_event`), e.g. a batch submitted at once.
+    /// Without it, interrupts are not suppressed.
+    pub fn interrupt_after(&mut self, n: u16) {
+        if self.event_idx && n > 0 {
+            let used_event = self.avail_offset + 4 + 2 * usize::from(self.size);
+            self.ring
+                .store_u16(used_event, self.last_used.wrapping_add(n - 1));
+            fence(Ordering::SeqCst);
+        }
     }
 
     /// Takes every new used entry, then returns the used length of `head` if
