@@ -109,11 +109,62 @@ pub struct Stats {
 /// A buddy allocator over the frames of a `FrameTable`.
 pub struct FrameAllocator<S> {
     table: FrameTable<S>,
+    lists: Lists,
+    /// Per range: every window starting at or above this frame is touched.
+    untouched_below: [u64; MAX_RANGES],
+}
+
+/// The free lists and the statistics. Apart from the table so that the hot
+/// paths borrow the metadata slice once (`&[FrameMeta]`) while they update
+/// the lists: through `&mut self` every access would reload the slice.
+struct Lists {
     /// Metadata index of the first block on each free list.
     heads: [u64; ORDERS],
     stats: Stats,
-    /// Per range: every window starting at or above this frame is touched.
-    untouched_below: [u64; MAX_RANGES],
+}
+
+impl Lists {
+    /// Makes the frame at metadata `index` a FREE head of `order` and links
+    /// it first on its list; the statistics already count it (it was free
+    /// but untouched), or the caller counts it ([`Lists::push`]).
+    #[inline]
+    fn link(&mut self, metas: &[FrameMeta], index: usize, order: u32) {
+        let m = &metas[index];
+        let old = self.heads[order as usize];
+        m.set_head(FrameFlags::FREE, order);
+        m.set_prev(NO_LINK);
+        m.set_next(old);
+        if old != NO_LINK {
+            metas[old as usize].set_prev(index as u64);
+        }
+        self.heads[order as usize] = index as u64;
+    }
+
+    /// Links a new free block and counts it.
+    #[inline(always)]
+    fn push(&mut self, metas: &[FrameMeta], index: usize, order: u32) {
+        self.link(metas, index, order);
+        self.stats.free += 1 << order;
+        self.stats.free_blocks[order as usize] += 1;
+    }
+
+    /// Takes the free block at metadata `index` off the order-`order` list.
+    /// Its own links are left as they are: only listed blocks' links are read.
+    #[inline(always)]
+    fn unlink(&mut self, metas: &[FrameMeta], index: usize, order: u32) {
+        let m = &metas[index];
+        let (prev, next) = (m.prev(), m.next());
+        if prev == NO_LINK {
+            self.heads[order as usize] = next;
+        } else {
+            metas[prev as usize].set_next(next);
+        }
+        if next != NO_LINK {
+            metas[next as usize].set_prev(prev);
+        }
+        self.stats.free -= 1 << order;
+        self.stats.free_blocks[order as usize] -= 1;
+    }
 }
 
 impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
@@ -137,8 +188,10 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
         }
         Ok(FrameAllocator {
             table,
-            heads: [NO_LINK; ORDERS],
-            stats,
+            lists: Lists {
+                heads: [NO_LINK; ORDERS],
+                stats,
+            },
             untouched_below,
         })
     }
@@ -150,7 +203,7 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
 
     /// Current statistics.
     pub fn stats(&self) -> Stats {
-        self.stats
+        self.lists.stats
     }
 
     /// Allocates a block of `2^order` frames; its head gets ALLOCATED.
@@ -159,31 +212,27 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             return Err(Error::InvalidOrder(order));
         }
         let have = loop {
-            if let Some(have) = (order..=MAX_ORDER).find(|&o| self.heads[o as usize] != NO_LINK) {
+            if let Some(have) =
+                (order..=MAX_ORDER).find(|&o| self.lists.heads[o as usize] != NO_LINK)
+            {
                 break have;
             }
             if !self.touch_highest_window() {
-                self.stats.failed_allocations += 1;
+                self.lists.stats.failed_allocations += 1;
                 return Err(Error::OutOfMemory(order));
             }
         };
-        let index = self.heads[have as usize] as usize;
-        let head = self.table.map().frame_at(index);
-        let ri = self
-            .table
-            .map()
-            .range_index(head)
-            .expect("free block is RAM");
-        self.unlink(index, have);
-        // Split, giving back the upper half at each step.
+        let (metas, lists) = (self.table.metadata(), &mut self.lists);
+        let index = lists.heads[have as usize] as usize;
+        lists.unlink(metas, index, have);
+        // Split, giving back the upper half at each step (a block lies in
+        // one range, whose metadata indices follow its frames).
         for o in (order..have).rev() {
-            self.push_free(FrameNumber(head.0 + (1 << o)), o, ri);
+            lists.push(metas, index + (1 << o), o);
         }
-        self.table
-            .meta_at(index)
-            .set_head(FrameFlags::ALLOCATED, order);
-        self.stats.allocated += 1 << order;
-        Ok(head)
+        metas[index].set_head(FrameFlags::ALLOCATED, order);
+        lists.stats.allocated += 1 << order;
+        Ok(self.table.map().frame_at(index))
     }
 
     /// Frees the block of `2^order` frames at `frame`, merging it with free buddies.
@@ -221,7 +270,7 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             return Err(Error::InvalidFlags(flags));
         }
         let Some(range) = self.find_free_run(frames, align, limit) else {
-            self.stats.failed_allocations += 1;
+            self.lists.stats.failed_allocations += 1;
             return Err(Error::NoContiguousRange {
                 frames,
                 align,
@@ -361,7 +410,7 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
                 _ => return Err("head with an invalid state"),
             }
         }
-        for (order, (&head, &expected)) in self.heads.iter().zip(&listed).enumerate() {
+        for (order, (&head, &expected)) in self.lists.heads.iter().zip(&listed).enumerate() {
             let (mut index, mut prev, mut count) = (head, NO_LINK, 0u64);
             while index != NO_LINK {
                 let m = self
@@ -385,7 +434,7 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
                 return Err("free list misses free blocks");
             }
         }
-        let s = &self.stats;
+        let s = &self.lists.stats;
         if (s.free, s.allocated, s.reserved, s.free_blocks)
             != (free, allocated, reserved, free_blocks)
         {
@@ -428,34 +477,34 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
 
     /// Returns an allocated block to the free lists, merging buddies.
     fn release(&mut self, block: Block) {
-        let ri = self
-            .table
-            .map()
-            .range_index(block.start)
-            .expect("block is RAM");
-        let range = self.table.map().range_at(ri);
+        let map = self.table.map();
+        let ri = map.range_index(block.start).expect("block is RAM");
+        let range = map.range_at(ri);
+        // Metadata index of the range's first frame: frames of one range
+        // have consecutive indices.
+        let base = map.index_in(ri, range.start);
+        let at = |frame: u64| base + (frame - range.start.0) as usize;
+        let (metas, lists) = (self.table.metadata(), &mut self.lists);
         let mut head = block.start.0;
         let mut order = block.order;
-        self.stats.allocated -= 1 << order;
-        self.table
-            .meta_at(self.table.map().index_in(ri, block.start))
-            .clear_head();
+        lists.stats.allocated -= 1 << order;
+        metas[at(head)].clear_head();
         while order < MAX_ORDER {
             let buddy = head ^ (1 << order);
             if buddy < range.start.0 || buddy + (1 << order) > range.end.0 {
                 break;
             }
-            let bi = self.table.map().index_in(ri, FrameNumber(buddy));
-            let bm = self.table.meta_at(bi);
+            let bi = at(buddy);
+            let bm = &metas[bi];
             if bm.block_flags().state() != FrameFlags::FREE || bm.order() != order {
                 break;
             }
-            self.unlink(bi, order);
-            self.table.meta_at(bi).clear_head();
+            lists.unlink(metas, bi, order);
+            bm.clear_head();
             head &= !(1 << order);
             order += 1;
         }
-        self.push_free(FrameNumber(head), order, ri);
+        lists.push(metas, at(head), order);
     }
 
     /// Highest `[s, s + frames)` of free RAM with `s % align == 0`, ending at or
@@ -505,79 +554,23 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
             self.touch_window(ri, w);
             w = window_of(w).1.min(self.table.map().range_at(ri).end.0);
         }
+        let (table, lists) = (&self.table, &mut self.lists);
         let mut f = range.start;
         while f < range.end {
-            let block = self.table.block_containing(f).expect("free RAM");
-            let ri = self.table.map().range_index(f).expect("RAM");
-            self.unlink(self.table.map().index_in(ri, block.start), block.order);
-            self.table
-                .meta_at(self.table.map().index_in(ri, block.start))
-                .clear_head();
-            self.split_into(block.start.0, block.order, &range, flags, mark, ri);
+            let block = table.block_containing(f).expect("free RAM");
+            let ri = table.map().range_index(f).expect("RAM");
+            let index = table.map().index_in(ri, block.start);
+            lists.unlink(table.metadata(), index, block.order);
+            table.meta_at(index).clear_head();
+            let piece = Piece {
+                range: &range,
+                flags,
+                mark,
+                base: (index as u64).wrapping_sub(block.start.0),
+            };
+            split_into(table.metadata(), lists, &piece, block.start.0, block.order);
             f = block.frames().end;
         }
-    }
-
-    fn split_into(
-        &mut self,
-        head: u64,
-        order: u32,
-        range: &FrameRange,
-        flags: FrameFlags,
-        mark: bool,
-        ri: usize,
-    ) {
-        let end = head + (1 << order);
-        let inside = range.start.0 <= head && end <= range.end.0;
-        let outside = end <= range.start.0 || range.end.0 <= head;
-        // Poisoned memory is kept frame by frame, so each bad frame is a head.
-        let whole = !flags.contains(FrameFlags::POISONED) || order == 0;
-        if outside {
-            self.push_free(FrameNumber(head), order, ri);
-        } else if inside && whole {
-            let mut flags = flags;
-            if mark {
-                flags |= if head == range.start.0 {
-                    FrameFlags::RANGE_START
-                } else {
-                    FrameFlags::RANGE_CONT
-                };
-            }
-            self.table
-                .meta_at(self.table.map().index_in(ri, FrameNumber(head)))
-                .set_head(flags, order);
-            if flags.contains(FrameFlags::ALLOCATED) {
-                self.stats.allocated += 1 << order;
-            } else {
-                self.stats.reserved += 1 << order;
-            }
-        } else {
-            let half = order - 1;
-            self.split_into(head, half, range, flags, mark, ri);
-            self.split_into(head + (1 << half), half, range, flags, mark, ri);
-        }
-    }
-
-    /// Puts the block of `2^order` frames at `head` (in range `ri`) on its list.
-    fn push_free(&mut self, head: FrameNumber, order: u32, ri: usize) {
-        self.link(head, order, ri);
-        self.stats.free += 1 << order;
-        self.stats.free_blocks[order as usize] += 1;
-    }
-
-    /// Makes `head` a FREE head and links it on its list; the statistics
-    /// already count it (it was free but untouched) or the caller counts it.
-    fn link(&mut self, head: FrameNumber, order: u32, ri: usize) {
-        let index = self.table.map().index_in(ri, head) as u64;
-        let m = self.table.meta_at(index as usize);
-        let old = self.heads[order as usize];
-        m.set_head(FrameFlags::FREE, order);
-        m.set_prev(NO_LINK);
-        m.set_next(old);
-        if old != NO_LINK {
-            self.table.meta_at(old as usize).set_prev(index);
-        }
-        self.heads[order as usize] = index;
     }
 
     /// Gives the window holding `frame` (of range `ri`) explicit metadata if it
@@ -589,11 +582,16 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
         let range = self.table.map().range_at(ri);
         let (start, end) = window_of(frame);
         let (start, end) = (start.max(range.start.0), end.min(range.end.0));
+        let first = self.table.map().index_in(ri, FrameNumber(start));
         let mut f = start;
         while f < end {
             let (head, order) = canonical_block(range, f);
             debug_assert_eq!(head, f);
-            self.link(FrameNumber(head), order, ri);
+            self.lists.link(
+                self.table.metadata(),
+                first + (head - start) as usize,
+                order,
+            );
             f += 1 << order;
         }
         // After the heads: a reader that sees the bit sees them.
@@ -618,23 +616,49 @@ impl<S: AsRef<[FrameMeta]>> FrameAllocator<S> {
         }
         false
     }
+}
 
-    /// Takes the free block at metadata `index` off the order-`order` list.
-    fn unlink(&mut self, index: usize, order: u32) {
-        let m = self.table.meta_at(index);
-        let (prev, next) = (m.prev(), m.next());
-        if prev == NO_LINK {
-            self.heads[order as usize] = next;
+/// What `carve` gives the blocks inside its range.
+struct Piece<'a> {
+    range: &'a FrameRange,
+    flags: FrameFlags,
+    mark: bool,
+    /// Metadata index minus frame number (wrapping), for the block's range.
+    base: u64,
+}
+
+/// Splits the free block of `2^order` frames at `head` (unlinked, no head)
+/// so that its parts inside `piece.range` become owned blocks with the
+/// piece's flags and the parts outside go back on the free lists.
+fn split_into(metas: &[FrameMeta], lists: &mut Lists, piece: &Piece<'_>, head: u64, order: u32) {
+    let (range, flags) = (piece.range, piece.flags);
+    let end = head + (1 << order);
+    let inside = range.start.0 <= head && end <= range.end.0;
+    let outside = end <= range.start.0 || range.end.0 <= head;
+    // Poisoned memory is kept frame by frame, so each bad frame is a head.
+    let whole = !flags.contains(FrameFlags::POISONED) || order == 0;
+    let index = piece.base.wrapping_add(head) as usize;
+    if outside {
+        lists.push(metas, index, order);
+    } else if inside && whole {
+        let mut flags = flags;
+        if piece.mark {
+            flags |= if head == range.start.0 {
+                FrameFlags::RANGE_START
+            } else {
+                FrameFlags::RANGE_CONT
+            };
+        }
+        metas[index].set_head(flags, order);
+        if flags.contains(FrameFlags::ALLOCATED) {
+            lists.stats.allocated += 1 << order;
         } else {
-            self.table.meta_at(prev as usize).set_next(next);
+            lists.stats.reserved += 1 << order;
         }
-        if next != NO_LINK {
-            self.table.meta_at(next as usize).set_prev(prev);
-        }
-        m.set_next(NO_LINK);
-        m.set_prev(NO_LINK);
-        self.stats.free -= 1 << order;
-        self.stats.free_blocks[order as usize] -= 1;
+    } else {
+        let half = order - 1;
+        split_into(metas, lists, piece, head, half);
+        split_into(metas, lists, piece, head + (1 << half), half);
     }
 }
 
@@ -642,7 +666,7 @@ impl<S> core::fmt::Debug for FrameAllocator<S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("FrameAllocator")
             .field("table", &self.table)
-            .field("stats", &self.stats)
+            .field("stats", &self.lists.stats)
             .finish()
     }
 }
