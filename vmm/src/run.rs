@@ -22,7 +22,9 @@ use crate::vcpu::{self, Buses, VcpuThreads};
 use crate::virtio::{self, DiskConfig, QueueNotifier};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
+use crate::x86::mptable;
 use devices::bus::MmioBus;
+use devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, IoApic};
 
 /// What to boot and with what.
 #[derive(Clone, Debug)]
@@ -96,6 +98,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
     let (serial, console) = attach_serial(&vm)?;
     let mut mmio = MmioBus::new();
+    let ioapic = IoApic::new(mptable::ioapic_id(config.cpus), Arc::new(vm.routes()));
+    mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, Arc::new(Mutex::new(ioapic)))
+        .map_err(|e| Error::Host("the I/O APIC", io::Error::other(e.to_string())))?;
     let notifiers = virtio::attach(&vm, &frames, &mut mmio, devices)?;
     let buses = Arc::new(Buses {
         pio: PioBus::new(serial.clone(), exit.clone()),

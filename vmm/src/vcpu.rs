@@ -62,7 +62,9 @@ pub fn handle_exit(
         VcpuExit::Shutdown => return Action::Stop(VmExit::TripleFault { vcpu }),
         VcpuExit::FailEntry(reason, _) => return Action::Stop(VmExit::FailEntry { vcpu, reason }),
         VcpuExit::SystemEvent(..) => return Action::Stop(VmExit::Reset),
-        VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => {}
+        // With the split irqchip, an EOI of a level-triggered vector the
+        // I/O APIC routes: every pin is an edge here, nothing to do.
+        VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::IoapicEoi(_) => {}
         other => {
             log::error!("vCPU {vcpu}: unexpected exit {other:?}");
             return Action::Stop(VmExit::RunError {

@@ -1,11 +1,26 @@
-//! The KVM virtual machine: in-kernel irqchip and PIT, TSS and identity-map
-//! addresses, memory slots for `GuestFrames`, and vCPU creation and setup.
+//! The KVM virtual machine: memory slots for `GuestFrames`, TSS and
+//! identity-map addresses, a split irqchip, and vCPU creation and setup.
+//!
+//! The irqchip is split (`KVM_CAP_SPLIT_IRQCHIP`), as Cloud Hypervisor's: the
+//! local APICs are in the kernel, the I/O APIC is minivmm's
+//! (`devices::ioapic`), whose redirection entries become KVM MSI routes
+//! ([`KvmRoutes`]) so irqfds still inject without an exit; there is no 8259
+//! PIC and no PIT (Linux on KVM does not check the timer, `no_timer_check`,
+//! and calibrates from kvmclock). What that saves: an in-kernel PIC, I/O APIC
+//! and PIT register six devices on KVM's I/O buses, and tearing the VM down
+//! unregisters each, waiting for an SRCU grace period every time — measured
+//! here, 14-20 ms of every run's exit; with the split irqchip the VM fd closes
+//! in 0.2 ms.
 //!
 //! Only this module and `vcpu.rs` issue KVM ioctls.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use devices::ioapic::{IOAPIC_PINS, MsiMessage, MsiRoutes};
 use kvm_bindings::{
-    KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_pit_config,
-    kvm_userspace_memory_region,
+    KVM_API_VERSION, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KvmIrqRouting, Msrs, kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::GuestFrames;
@@ -46,7 +61,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -58,10 +73,6 @@ impl Vm {
             return Err(Error::NotKvm(version));
         }
         let fd = kvm.create_vm().map_err(|e| Error::Kvm("CREATE_VM", e))?;
-        // Memory slots (ours, and the private ones behind the TSS and identity
-        // map addresses) before the irqchip: once an irqchip exists, every
-        // memslot change waits for an SRCU grace period (measured here: 5 ms
-        // per slot after KVM_CREATE_IRQCHIP, 0.2 ms before it).
         for (slot, region) in frames.memory().iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -83,20 +94,32 @@ impl Vm {
             .map_err(|e| Error::Kvm("SET_TSS_ADDR", e))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(|e| Error::Kvm("SET_IDENTITY_MAP_ADDR", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| Error::Kvm("CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
+        // Local APICs in the kernel; GSIs 0..24 reserved for the I/O APIC's
+        // routes (module docs).
+        let split = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            args: [IOAPIC_PINS as u64, 0, 0, 0],
             ..Default::default()
         };
-        fd.create_pit2(pit)
-            .map_err(|e| Error::Kvm("CREATE_PIT2", e))?;
-        Ok(Vm { kvm, fd })
+        fd.enable_cap(&split)
+            .map_err(|e| Error::Kvm("ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     /// The VM file descriptor (for ioeventfds, irqfds).
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The I/O APIC's side of KVM's GSI routing.
+    pub fn routes(&self) -> KvmRoutes {
+        KvmRoutes {
+            fd: self.fd.clone(),
+            failed: AtomicBool::new(false),
+        }
     }
 
     /// Most vCPUs KVM accepts for this VM.
@@ -169,5 +192,80 @@ impl Vm {
             vcpus.push(vcpu);
         }
         Ok(vcpus)
+    }
+}
+
+/// Installs the I/O APIC's routes as KVM's GSI routing table: GSI `n` is pin
+/// `n`, an MSI route to the local APICs.
+#[derive(Debug)]
+pub struct KvmRoutes {
+    fd: Arc<VmFd>,
+    failed: AtomicBool,
+}
+
+/// The KVM routing table for the I/O APIC's pins.
+pub fn routing_table(routes: &[Option<MsiMessage>; IOAPIC_PINS]) -> Vec<kvm_irq_routing_entry> {
+    routes
+        .iter()
+        .enumerate()
+        .filter_map(|(pin, route)| {
+            let msi = route.as_ref()?;
+            let mut entry = kvm_irq_routing_entry {
+                gsi: pin as u32,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            entry.u.msi.address_lo = msi.address as u32;
+            entry.u.msi.address_hi = (msi.address >> 32) as u32;
+            entry.u.msi.data = msi.data;
+            Some(entry)
+        })
+        .collect()
+}
+
+impl MsiRoutes for KvmRoutes {
+    fn set_routes(&self, routes: &[Option<MsiMessage>; IOAPIC_PINS]) {
+        let entries = routing_table(routes);
+        let result = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| format!("{e:?}"))
+            .and_then(|table| self.fd.set_gsi_routing(&table).map_err(|e| e.to_string()));
+        if let Err(e) = result
+            && !self.failed.swap(true, Ordering::Relaxed)
+        {
+            log::error!(
+                "KVM SET_GSI_ROUTING failed: {e}; I/O APIC pins may not interrupt (logged once)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_table_has_an_msi_entry_per_routed_pin() {
+        let mut routes = [None; IOAPIC_PINS];
+        routes[4] = Some(MsiMessage {
+            address: 0xfee0_1000,
+            data: 0x34,
+        });
+        routes[23] = Some(MsiMessage {
+            address: 0xfee0_0004,
+            data: 0x141,
+        });
+        let table = routing_table(&routes);
+        assert_eq!(table.len(), 2);
+        assert_eq!((table[0].gsi, table[0].type_), (4, KVM_IRQ_ROUTING_MSI));
+        // SAFETY: the entries were built as MSI routes.
+        let (lo, hi, data) = unsafe {
+            (
+                table[1].u.msi.address_lo,
+                table[1].u.msi.address_hi,
+                table[1].u.msi.data,
+            )
+        };
+        assert_eq!((table[1].gsi, lo, hi, data), (23, 0xfee0_0004, 0, 0x141));
+        assert!(routing_table(&[None; IOAPIC_PINS]).is_empty());
     }
 }

@@ -16,6 +16,8 @@
 //! - [`block`]: structured virtio-blk requests against a file-backed disk; the
 //!   file changes only where a valid write request said.
 //! - [`serial`]: COM1 register accesses with DLAB flips and input bytes.
+//! - [`ioapic`]: I/O APIC register accesses; the routes pushed to KVM always
+//!   match the redirection entries, and change only when an entry's does.
 //! - [`boot_image`]: bytes as a kernel image and cmdline through minivmm's
 //!   loading path.
 //! - [`queue_differential`]: our queue against rust-vmm's `virtio-queue` on
@@ -26,6 +28,7 @@
 
 pub mod block;
 pub mod boot_image;
+pub mod ioapic;
 pub mod queue_differential;
 pub mod seeds;
 pub mod serial;
@@ -46,6 +49,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_mmio", virtio_mmio::run),
     ("block", block::run),
     ("serial", serial::run),
+    ("ioapic", ioapic::run),
     ("boot_image", boot_image::run),
     ("queue_differential", queue_differential::run),
 ];

@@ -38,6 +38,8 @@ pub fn all() -> Vec<Seed> {
     }
     out.push(("serial", "setup-write-read-flood", serial_session()));
     out.push(("serial", "empty", Vec::new()));
+    out.push(("ioapic", "guest-routes-pins", ioapic_session()));
+    out.push(("ioapic", "empty", Vec::new()));
     out.push((
         "boot_image",
         "elf64-entry",
@@ -228,6 +230,30 @@ fn serial_session() -> Vec<u8> {
     ] {
         out.extend_from_slice(&[kind, offset, value]);
     }
+    out
+}
+
+/// What the test guest and Linux do: version read, then per pin mask,
+/// destination, vector; a remask; an odd-width access.
+fn ioapic_session() -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut op = |kind: u8, offset: u8, width: u8, value: u32| {
+        out.extend_from_slice(&[kind, offset, width]);
+        out.extend_from_slice(&value.to_le_bytes());
+    };
+    op(0, 0x00, 2, 0x01);
+    op(1, 0x10, 2, 0);
+    for pin in [4u32, 5, 6] {
+        op(0, 0x00, 2, 0x10 + 2 * pin);
+        op(0, 0x10, 2, 1 << 16);
+        op(0, 0x00, 2, 0x11 + 2 * pin);
+        op(0, 0x10, 2, 0);
+        op(0, 0x00, 2, 0x10 + 2 * pin);
+        op(0, 0x10, 2, 0x30 + pin);
+    }
+    op(0, 0x00, 2, 0x1a);
+    op(0, 0x10, 2, (1 << 16) | 0x35);
+    op(0, 0x10, 1, 0x35);
     out
 }
 

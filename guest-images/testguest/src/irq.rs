@@ -2,9 +2,9 @@
 //! local APIC delivers it, and [`wait_until`] sleeps in `sti; hlt` until a
 //! condition holds or a watchdog fires.
 //!
-//! - The legacy 8259 PICs are masked (minivmm's in-kernel PIC would otherwise
-//!   deliver the same pins through LINT0 with its reset vector base 0, i.e. as
-//!   CPU exceptions).
+//! - The legacy 8259 PICs are masked: an in-kernel PIC (QEMU's, Firecracker's;
+//!   minivmm has none) would otherwise deliver the same pins through LINT0 with
+//!   its reset vector base 0, i.e. as CPU exceptions.
 //! - The local APIC must be in xAPIC mode at 0xfee0_0000 (what KVM and QEMU set
 //!   up); it is software-enabled with spurious vector 0xff and TPR 0.
 //! - Each I/O APIC pin a device uses ([`route`]) gets its own vector from

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Local APIC base address, as every vCPU sees it.
 pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
-/// I/O APIC base address (KVM's in-kernel I/O APIC).
+/// I/O APIC base address (minivmm's I/O APIC, `devices::ioapic`).
 pub const IO_APIC_DEFAULT_PHYS_BASE: u32 = 0xfec0_0000;
 /// Most vCPUs an MP table describes: local APIC ids are `0..cpus`, the I/O APIC
 /// takes id `cpus`, and 0xff means "all local APICs".
@@ -58,6 +58,11 @@ pub enum Error {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+/// The I/O APIC's id: the first after the vCPUs' APIC ids (0..cpus).
+pub fn ioapic_id(cpus: u8) -> u8 {
+    cpus
+}
+
 /// Bytes the whole table (configuration table and floating pointer) spans for
 /// `cpus` vCPUs, from [`mptable_start`] to 640 KiB.
 pub fn mptable_size(cpus: u8) -> usize {
@@ -92,7 +97,7 @@ fn config_table_len(cpus: u8) -> usize {
 
 /// The table's bytes from `start` up to 640 KiB.
 fn build(start: GuestAddress, cpus: u8) -> Vec<u8> {
-    let ioapic_id = cpus;
+    let ioapic_id = ioapic_id(cpus);
     let mut entries = Vec::new();
     for cpu in 0..cpus {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 };
