@@ -331,7 +331,8 @@ impl GuestFrames {
     pub fn pin_set(&self) -> PinSet {
         PinSet {
             table: self.table.clone(),
-            ranges: Vec::new(),
+            anchors: Vec::new(),
+            pins: 0,
         }
     }
 
@@ -395,33 +396,41 @@ impl Drop for PinGuard {
 /// buffer also clones and drops an `Arc`).
 pub struct PinSet {
     table: Arc<FrameTable<SharedMeta>>,
-    ranges: Vec<FrameRange>,
+    /// Metadata index of the section anchor of each pin (one per pinned
+    /// range and section it covers).
+    anchors: Vec<usize>,
+    /// Ranges pinned.
+    pins: usize,
 }
 
 impl PinSet {
     /// Pins the frames of `[addr, addr + len)` until the set is cleared or
     /// dropped. Fails, changing nothing, as [`GuestFrames::pin`] does.
+    #[inline]
     pub fn pin(&mut self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
-        let range = self.table.pin_frames(addr.into(), len)?;
-        self.ranges.push(range);
+        let anchors = &mut self.anchors;
+        self.table
+            .pin_anchors(addr.into(), len, |a| anchors.push(a))?;
+        self.pins += 1;
         Ok(())
     }
 
     /// Ranges pinned.
     pub fn len(&self) -> usize {
-        self.ranges.len()
+        self.pins
     }
 
     /// Whether nothing is pinned.
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.pins == 0
     }
 
     /// Drops every pin of the set; the set stays usable.
+    #[inline]
     pub fn clear(&mut self) {
-        for range in self.ranges.drain(..) {
-            self.table.unpin(range);
-        }
+        self.table.unpin_anchors(&self.anchors);
+        self.anchors.clear();
+        self.pins = 0;
     }
 
     /// Whether the set pins frames of `frames` (and not of another VM's).
@@ -439,7 +448,8 @@ impl Drop for PinSet {
 impl std::fmt::Debug for PinSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PinSet")
-            .field("ranges", &self.ranges)
+            .field("pins", &self.pins)
+            .field("anchors", &self.anchors)
             .finish()
     }
 }

@@ -11,10 +11,10 @@
 use std::format;
 use std::fs::File;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::prelude::rust_2024::*;
 
-use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::guest::GuestFrames;
@@ -91,12 +91,9 @@ impl GuestFrames {
         let mut seg = 0;
         let mut skip = 0; // bytes of segments[seg] already done
         while seg < segments.len() {
-            // Held until the end of this iteration, past the system call.
-            let mut guards: [Option<PtrGuardMut>; IOV_BATCH] = [const { None }; IOV_BATCH];
-            let mut iovs = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOV_BATCH];
+            // Filled from the front; only the first `count` are passed on, so
+            // nothing is initialised (or zeroed) that is not used.
+            let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_BATCH];
             let mut count = 0;
             let mut i = seg;
             while i < segments.len() && count < IOV_BATCH {
@@ -106,12 +103,14 @@ impl GuestFrames {
                     let slice = mem
                         .get_slice(GuestAddress(addr.0 + start as u64), len - start)
                         .map_err(|_| invalid(addr, len))?;
-                    let guard = slice.ptr_guard_mut();
-                    iovs[count] = libc::iovec {
-                        iov_base: guard.as_ptr().cast(),
+                    // The guard only carries vm-memory's dirty bitmap, which
+                    // GuestFrames' regions do not have (they keep their own
+                    // log); the pointer is valid for as long as the region.
+                    let ptr = slice.ptr_guard_mut().as_ptr();
+                    iovs[count].write(libc::iovec {
+                        iov_base: ptr.cast(),
                         iov_len: len - start,
-                    };
-                    guards[count] = Some(guard);
+                    });
                     count += 1;
                 }
                 i += 1;
@@ -126,20 +125,19 @@ impl GuestFrames {
                     io::Error::new(io::ErrorKind::InvalidInput, "file offset overflows")
                 })?;
             let n = loop {
-                // SAFETY: each iovec points at `iov_len` bytes of a live mapping of
-                // guest RAM owned by `self` (checked by `get_slice` above; regions
-                // are unmapped only when `self` drops, which the borrow prevents),
-                // with its guard held in `guards` for the call. The kernel reads
-                // or writes only those bytes. Guest memory may change under us,
-                // which is fine for raw bytes.
+                // The first `count` iovecs were written above.
+                let iov = iovs.as_ptr().cast::<libc::iovec>();
+                // SAFETY: `iov` points at `count` initialised iovecs (MaybeUninit
+                // has the layout of its value); each points at `iov_len` bytes of
+                // a live mapping of guest RAM owned by `self` (checked by
+                // `get_slice` above; regions are unmapped only when `self` drops,
+                // which the borrow prevents). The kernel reads or writes only
+                // those bytes. Guest memory may change under us, which is fine
+                // for raw bytes.
                 let r = unsafe {
                     match dir {
-                        Direction::Read => {
-                            libc::preadv(file.as_raw_fd(), iovs.as_ptr(), count as i32, pos)
-                        }
-                        Direction::Write => {
-                            libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), count as i32, pos)
-                        }
+                        Direction::Read => libc::preadv(file.as_raw_fd(), iov, count as i32, pos),
+                        Direction::Write => libc::pwritev(file.as_raw_fd(), iov, count as i32, pos),
                     }
                 };
                 if r >= 0 {

@@ -446,6 +446,62 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
         Ok(range)
     }
 
+    /// Takes one DMA pin on `[addr, addr + len)` like [`FrameTable::pin`], and
+    /// passes the metadata index of every section anchor it counted on to
+    /// `record`, so that [`FrameTable::unpin_anchors`] drops it without
+    /// looking anything up. A buffer inside one range and one section (nearly
+    /// all) takes one range lookup and one atomic. On error nothing is pinned
+    /// and nothing recorded.
+    #[inline]
+    pub fn pin_anchors(
+        &self,
+        addr: PhysAddr,
+        len: u64,
+        mut record: impl FnMut(usize),
+    ) -> Result<(), Error> {
+        if len == 0 {
+            return Err(Error::Empty(addr));
+        }
+        let range = FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))?;
+        let (start, last) = (range.start.0, range.end.0 - 1);
+        if let Some(ri) = self.map.range_index(range.start) {
+            let r = self.map.range_at(ri);
+            if last < r.end.0 && start >> SECTION_SHIFT == last >> SECTION_SHIFT {
+                let first = (start & !(SECTION_FRAMES - 1)).max(r.start.0);
+                let index = self.map.index_in(ri, FrameNumber(first));
+                let anchor = self.meta_at(index);
+                if !anchor.section_poisoned() {
+                    if !anchor.try_pin(MAX_PINS) {
+                        return Err(Error::TooManyPins(FrameNumber(first)));
+                    }
+                    record(index);
+                    return Ok(());
+                }
+            }
+        }
+        // Across sections or ranges, or in a poisoned section.
+        let range = self.pin_frames(addr, len)?;
+        let mut f = range.start.0;
+        while f < range.end.0 {
+            let (ri, end) = self.piece(f, range.end.0);
+            let r = self.map.range_at(ri);
+            let first = (f & !(SECTION_FRAMES - 1)).max(r.start.0);
+            record(self.map.index_in(ri, FrameNumber(first)));
+            f = end;
+        }
+        Ok(())
+    }
+
+    /// Drops the pins recorded by [`FrameTable::pin_anchors`]; `anchors` must be
+    /// exactly what it recorded, each once.
+    #[inline]
+    pub fn unpin_anchors(&self, anchors: &[usize]) {
+        let metas = self.meta.as_ref();
+        for &index in anchors {
+            metas[index].unpin();
+        }
+    }
+
     /// Drops the pins `pin_frames` took on `range`. Only pin guards call this,
     /// with the range `pin_frames` returned.
     #[inline]
@@ -857,5 +913,32 @@ mod tests {
             t.highest_untouched_window(0, u64::MAX),
             Some((s - WINDOW_FRAMES, s))
         );
+    }
+
+    #[test]
+    fn pin_anchors_records_one_anchor_per_section_and_unpins_them() {
+        let s = SECTION_FRAMES;
+        let t = table(&[fr(0, s + 10), fr(s + 10, s + 20)]);
+        let mut anchors = Vec::new();
+        t.pin_anchors(PhysAddr(0x3000), 0x2000, |a| anchors.push(a))
+            .unwrap();
+        assert_eq!(anchors, [0], "one section: its anchor");
+        t.pin_anchors(FrameNumber(s - 1).addr(), 21 << 12, |a| anchors.push(a))
+            .unwrap();
+        assert_eq!(anchors[1..], [0, s as usize, (s + 10) as usize]);
+        assert_eq!(t.pins(), 4);
+        let before = anchors.len();
+        assert!(
+            t.pin_anchors(PhysAddr(u64::MAX), 2, |a| anchors.push(a))
+                .is_err()
+        );
+        assert!(
+            t.pin_anchors(FrameNumber(s + 19).addr(), 0x2000, |a| anchors.push(a))
+                .is_err(),
+            "past the end of RAM"
+        );
+        assert_eq!(anchors.len(), before, "nothing recorded on errors");
+        t.unpin_anchors(&anchors);
+        assert_eq!(t.pins(), 0);
     }
 }

@@ -580,7 +580,7 @@ impl VirtioDevice for Block {
                     let at = writer.remaining() - 1;
                     let _ = writer
                         .skip(at)
-                        .and_then(|()| writer.write_all(frames, &[status]));
+                        .and_then(|()| writer.write_u8(frames, status));
                     u32::try_from(written + 1).unwrap_or(u32::MAX)
                 }
                 None => 0,

@@ -14,6 +14,7 @@
 //! event loop serves signals, the console and the other devices in between.
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;

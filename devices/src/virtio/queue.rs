@@ -44,12 +44,17 @@ use std::num::Wrapping;
 use std::sync::atomic::{Ordering, fence};
 
 use memory::{GuestFrames, PinGuard, PinSet};
+
+pub use super::chain::{
+    DescriptorChain, ReadableBuffer, Reader, ShortChain, WritableBuffer, Writer,
+};
 use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
 use vm_memory::{
-    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileSlice,
 };
 
 /// Largest queue size minivmm offers (QueueNumMax).
@@ -178,245 +183,6 @@ impl QueueError {
     }
 }
 
-/// A buffer the device may only read.
-#[derive(Debug)]
-pub struct ReadableBuffer {
-    addr: GuestAddress,
-    len: u32,
-}
-
-/// A buffer the device may write (and read back).
-#[derive(Debug)]
-pub struct WritableBuffer {
-    addr: GuestAddress,
-    len: u32,
-}
-
-macro_rules! buffer_accessors {
-    ($t:ty) => {
-        impl $t {
-            /// Guest address.
-            pub fn addr(&self) -> GuestAddress {
-                self.addr
-            }
-            /// Length in bytes.
-            pub fn len(&self) -> u32 {
-                self.len
-            }
-            /// Whether the buffer is empty.
-            pub fn is_empty(&self) -> bool {
-                self.len == 0
-            }
-        }
-    };
-}
-buffer_accessors!(ReadableBuffer);
-buffer_accessors!(WritableBuffer);
-
-/// A validated chain: device-readable buffers, then device-writable ones.
-#[derive(Debug)]
-pub struct DescriptorChain {
-    head: u16,
-    generation: u32,
-    readable: Vec<ReadableBuffer>,
-    writable: Vec<WritableBuffer>,
-    /// Pins on every buffer (and indirect table) until the chain is returned
-    /// or dropped.
-    pins: PinSet,
-}
-
-impl DescriptorChain {
-    /// Index of the head descriptor.
-    pub fn head(&self) -> u16 {
-        self.head
-    }
-    /// The generation of the queue it was popped from.
-    pub fn generation(&self) -> u32 {
-        self.generation
-    }
-    /// The device-readable buffers, in chain order.
-    pub fn readable(&self) -> &[ReadableBuffer] {
-        &self.readable
-    }
-    /// The device-writable buffers, in chain order.
-    pub fn writable(&self) -> &[WritableBuffer] {
-        &self.writable
-    }
-    /// Total device-readable bytes.
-    pub fn readable_len(&self) -> u64 {
-        self.readable.iter().map(|b| u64::from(b.len)).sum()
-    }
-    /// Total device-writable bytes.
-    pub fn writable_len(&self) -> u64 {
-        self.writable.iter().map(|b| u64::from(b.len)).sum()
-    }
-    /// A cursor over the readable bytes.
-    pub fn reader(&self) -> Reader<'_> {
-        Reader(Cursor::new(&self.readable))
-    }
-    /// A cursor over the writable bytes.
-    pub fn writer(&self) -> Writer<'_> {
-        Writer(Cursor::new(&self.writable))
-    }
-}
-
-/// Not enough bytes left in the buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{wanted} bytes wanted, {left} left in the chain")]
-pub struct ShortChain {
-    /// Bytes asked for.
-    pub wanted: u64,
-    /// Bytes left.
-    pub left: u64,
-}
-
-/// A buffer's place in guest memory.
-trait Piece {
-    fn piece(&self) -> (GuestAddress, u32);
-}
-
-impl Piece for ReadableBuffer {
-    fn piece(&self) -> (GuestAddress, u32) {
-        (self.addr, self.len)
-    }
-}
-
-impl Piece for WritableBuffer {
-    fn piece(&self) -> (GuestAddress, u32) {
-        (self.addr, self.len)
-    }
-}
-
-/// A byte position over a chain's buffers of one direction.
-#[derive(Debug)]
-struct Cursor<'a, B> {
-    bufs: &'a [B],
-    index: usize,
-    offset: u32,
-    left: u64,
-}
-
-impl<'a, B: Piece> Cursor<'a, B> {
-    fn new(bufs: &'a [B]) -> Self {
-        let left = bufs.iter().map(|b| u64::from(b.piece().1)).sum();
-        Cursor {
-            bufs,
-            index: 0,
-            offset: 0,
-            left,
-        }
-    }
-
-    /// Consumes `len` bytes, calling `f(addr, n)` for each contiguous piece.
-    fn take(&mut self, len: u64, mut f: impl FnMut(GuestAddress, usize)) -> Result<(), ShortChain> {
-        if len > self.left {
-            return Err(ShortChain {
-                wanted: len,
-                left: self.left,
-            });
-        }
-        let mut want = len;
-        while want > 0 {
-            let (addr, plen) = self.bufs[self.index].piece();
-            let n = u64::from(plen - self.offset).min(want);
-            if n > 0 {
-                f(GuestAddress(addr.0 + u64::from(self.offset)), n as usize);
-            }
-            want -= n;
-            self.offset += n as u32;
-            if self.offset == plen {
-                self.index += 1;
-                self.offset = 0;
-            }
-        }
-        self.left -= len;
-        Ok(())
-    }
-}
-
-/// Reads a chain's device-readable bytes in order.
-#[derive(Debug)]
-pub struct Reader<'a>(Cursor<'a, ReadableBuffer>);
-
-impl Reader<'_> {
-    /// Fills `buf` from the next bytes.
-    pub fn read_exact(&mut self, frames: &GuestFrames, buf: &mut [u8]) -> Result<(), ShortChain> {
-        let mut done = 0;
-        let mem = frames.memory();
-        self.0.take(buf.len() as u64, |addr, n| {
-            // Validated and pinned RAM: the read cannot fail.
-            let _ = mem.read_slice(&mut buf[done..done + n], addr);
-            done += n;
-        })
-    }
-
-    /// Reads a plain-data value.
-    pub fn read_obj<T: ByteValued + Default>(
-        &mut self,
-        frames: &GuestFrames,
-    ) -> Result<T, ShortChain> {
-        let mut value = T::default();
-        self.read_exact(frames, value.as_mut_slice())?;
-        Ok(value)
-    }
-}
-
-/// Writes a chain's device-writable bytes in order, marking them dirty.
-#[derive(Debug)]
-pub struct Writer<'a>(Cursor<'a, WritableBuffer>);
-
-impl Writer<'_> {
-    /// Writes all of `buf` to the next bytes.
-    pub fn write_all(&mut self, frames: &GuestFrames, buf: &[u8]) -> Result<(), ShortChain> {
-        let mut done = 0;
-        self.0.take(buf.len() as u64, |addr, n| {
-            // Validated and pinned RAM: neither call can fail.
-            let _ = frames.memory().write_slice(&buf[done..done + n], addr);
-            let _ = frames.mark_dirty(addr, n as u64);
-            done += n;
-        })
-    }
-
-    /// Writes a plain-data value.
-    pub fn write_obj<T: ByteValued>(
-        &mut self,
-        frames: &GuestFrames,
-        value: T,
-    ) -> Result<(), ShortChain> {
-        self.write_all(frames, value.as_slice())
-    }
-}
-
-macro_rules! cursor_methods {
-    ($t:ty) => {
-        impl $t {
-            /// Bytes not yet consumed.
-            pub fn remaining(&self) -> u64 {
-                self.0.left
-            }
-
-            /// Consumes `len` bytes, appending their guest memory pieces to
-            /// `out`, for I/O straight between a file and guest memory (a
-            /// caller that writes them marks them dirty, as
-            /// `GuestFrames::read_file_at` does).
-            pub fn take_segments(
-                &mut self,
-                len: u64,
-                out: &mut Vec<(GuestAddress, usize)>,
-            ) -> Result<(), ShortChain> {
-                self.0.take(len, |addr, n| out.push((addr, n)))
-            }
-
-            /// Skips `len` bytes.
-            pub fn skip(&mut self, len: u64) -> Result<(), ShortChain> {
-                self.0.take(len, |_, _| {})
-            }
-        }
-    };
-}
-cursor_methods!(Reader<'_>);
-cursor_methods!(Writer<'_>);
-
 /// One descriptor as read from guest memory.
 #[derive(Clone, Copy, Debug)]
 struct Descriptor {
@@ -430,6 +196,44 @@ impl Descriptor {
     fn has(&self, flag: u32) -> bool {
         u32::from(self.flags) & flag != 0
     }
+}
+
+/// Where a ring lies: the guest memory region that holds it (found once, at
+/// activation; a ring is pinned contiguous RAM, so it is in one region) and
+/// its offset there. Ring accesses then index that region directly instead
+/// of looking the address up on every access.
+#[derive(Clone, Copy, Debug, Default)]
+struct RingAt {
+    region: usize,
+    offset: u64,
+    len: usize,
+}
+
+impl RingAt {
+    fn find(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Option<RingAt> {
+        mem.iter().enumerate().find_map(|(region, r)| {
+            let offset = addr.0.checked_sub(r.start_addr().0)?;
+            (offset.checked_add(len)? <= r.len()).then_some(RingAt {
+                region,
+                offset,
+                len: len as usize,
+            })
+        })
+    }
+
+    /// The ring as a slice of its region.
+    #[inline]
+    fn slice<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<VolatileSlice<'m>, QueueError> {
+        mem.iter()
+            .nth(self.region)
+            .and_then(|r| r.get_slice(MemoryRegionAddress(self.offset), self.len).ok())
+            .ok_or(QueueError::Memory(GuestMemoryError::InvalidBackendAddress))
+    }
+}
+
+/// A ring access that failed (it cannot, within a validated ring slice).
+fn ring_err(e: vm_memory::VolatileMemoryError) -> QueueError {
+    QueueError::Memory(e.into())
 }
 
 /// Heads handed to the device and not yet returned.
@@ -475,6 +279,9 @@ pub struct Queue {
     signalled_used: Option<Wrapping<u16>>,
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
+    /// The available and used rings, located at activation.
+    avail_at: RingAt,
+    used_at: RingAt,
     /// Buffer lists of completed chains, reused so a request allocates nothing.
     spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>, PinSet)>,
     active: bool,
@@ -508,6 +315,8 @@ impl Queue {
             signalled_used: None,
             in_flight: InFlight::default(),
             ring_pins: Vec::new(),
+            avail_at: RingAt::default(),
+            used_at: RingAt::default(),
             spare: Vec::new(),
             active: false,
             generation: 0,
@@ -632,6 +441,12 @@ impl Queue {
                     .map_err(|_| QueueError::RingNotRam { ring, addr: addr.0 })?,
             );
         }
+        let mem = frames.memory();
+        let locate = |ring, addr: GuestAddress, len| {
+            RingAt::find(mem, addr, len).ok_or(QueueError::RingNotRam { ring, addr: addr.0 })
+        };
+        self.avail_at = locate("available ring", self.avail_ring, 6 + 2 * size)?;
+        self.used_at = locate("used ring", self.used_ring, 6 + 8 * size)?;
         self.ring_pins = pins;
         self.active = true;
         Ok(())
@@ -661,20 +476,20 @@ impl Queue {
             return Err(QueueError::NotReady);
         }
         let mem = frames.memory();
-        let mut avail = self.avail_idx(frames)?;
+        let ring = self.avail_at.slice(mem)?;
+        let avail_idx = || ring.load::<u16>(2, Ordering::Acquire).map(Wrapping);
+        let mut avail = avail_idx().map_err(ring_err)?;
         if avail == self.next_avail && self.event_idx {
             // Out of work: ask to be notified at the next entry, then look again
             // (the driver may have added one before seeing avail_event).
-            let avail_event = self.used_ring.0 + 4 + 8 * u64::from(self.size);
-            mem.store(
-                self.next_avail.0,
-                GuestAddress(avail_event),
-                Ordering::Relaxed,
-            )
-            .map_err(QueueError::Memory)?;
-            let _ = frames.mark_dirty(GuestAddress(avail_event), 2);
+            let at = 4 + 8 * usize::from(self.size);
+            self.used_at
+                .slice(mem)?
+                .store(self.next_avail.0, at, Ordering::Relaxed)
+                .map_err(ring_err)?;
+            let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + at as u64), 2);
             fence(Ordering::SeqCst);
-            avail = self.avail_idx(frames)?;
+            avail = avail_idx().map_err(ring_err)?;
         }
         let pending = (avail - self.next_avail).0;
         if pending == 0 {
@@ -686,10 +501,8 @@ impl Queue {
                 pending,
             });
         }
-        let slot = u64::from(self.next_avail.0 % self.size);
-        let head: u16 = mem
-            .read_obj(GuestAddress(self.avail_ring.0 + 4 + 2 * slot))
-            .map_err(QueueError::Memory)?;
+        let slot = usize::from(self.next_avail.0 % self.size);
+        let head: u16 = ring.read_obj(4 + 2 * slot).map_err(ring_err)?;
         if head >= self.size {
             return Err(QueueError::HeadIndex(head));
         }
@@ -757,21 +570,18 @@ impl Queue {
         if !self.active {
             return Ok(false);
         }
-        let mem = frames.memory();
+        let ring = self.avail_at.slice(frames.memory())?;
         fence(Ordering::SeqCst);
         let new = self.next_used;
         if !self.event_idx {
-            let flags: u16 = mem
-                .load(self.avail_ring, Ordering::Acquire)
-                .map_err(QueueError::Memory)?;
+            let flags: u16 = ring.load(0, Ordering::Acquire).map_err(ring_err)?;
             let changed = self.signalled_used != Some(new);
             self.signalled_used = Some(new);
             return Ok(changed && u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0);
         }
-        let used_event_addr = GuestAddress(self.avail_ring.0 + 4 + 2 * u64::from(self.size));
         let used_event = Wrapping(
-            mem.load::<u16>(used_event_addr, Ordering::Acquire)
-                .map_err(QueueError::Memory)?,
+            ring.load::<u16>(4 + 2 * usize::from(self.size), Ordering::Acquire)
+                .map_err(ring_err)?,
         );
         let old = match self.signalled_used.replace(new) {
             Some(old) => old,
@@ -782,47 +592,55 @@ impl Queue {
     }
 
     fn avail_idx(&self, frames: &GuestFrames) -> Result<Wrapping<u16>, QueueError> {
-        let idx: u16 = frames
-            .memory()
-            .load(GuestAddress(self.avail_ring.0 + 2), Ordering::Acquire)
-            .map_err(QueueError::Memory)?;
+        let idx: u16 = self
+            .avail_at
+            .slice(frames.memory())?
+            .load(2, Ordering::Acquire)
+            .map_err(ring_err)?;
         Ok(Wrapping(idx))
     }
 
     fn push_used(&mut self, frames: &GuestFrames, head: u16, len: u32) -> Result<(), QueueError> {
-        let mem = frames.memory();
-        let slot = u64::from(self.next_used.0 % self.size);
-        let elem = GuestAddress(self.used_ring.0 + 4 + 8 * slot);
-        let mut raw = [0u8; 8];
-        raw[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        raw[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_obj(raw, elem).map_err(QueueError::Memory)?;
+        let ring = self.used_at.slice(frames.memory())?;
+        let elem = 4 + 8 * usize::from(self.next_used.0 % self.size);
+        // The used ring is 4-aligned (checked at activation): two stores.
+        ring.store(u32::from(head).to_le(), elem, Ordering::Relaxed)
+            .map_err(ring_err)?;
+        ring.store(len.to_le(), elem + 4, Ordering::Relaxed)
+            .map_err(ring_err)?;
         self.next_used += Wrapping(1);
         // The element before the index that publishes it (§2.7.13).
-        mem.store(
-            self.next_used.0,
-            GuestAddress(self.used_ring.0 + 2),
-            Ordering::Release,
-        )
-        .map_err(QueueError::Memory)?;
+        ring.store(self.next_used.0, 2, Ordering::Release)
+            .map_err(ring_err)?;
         // The index and the element, in one call (the frames between them
         // are the ring's own).
-        let idx = self.used_ring.0 + 2;
-        let _ = frames.mark_dirty(GuestAddress(idx), elem.0 + 8 - idx);
+        let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + 2), elem as u64 + 6);
         Ok(())
     }
 
     /// Descriptor `index` of `table` (a slice of the whole table, looked up
     /// once per chain; `index` is below the table's length).
+    #[inline]
     fn read_desc(table: &VolatileSlice<'_>, index: u16) -> Result<Descriptor, ChainError> {
-        let raw: [u8; DESC_SIZE as usize] = table
-            .read_obj(DESC_SIZE as usize * usize::from(index))
-            .map_err(|_| ChainError::Memory)?;
+        let at = DESC_SIZE as usize * usize::from(index);
+        // Two 8-byte loads where the table is 8-aligned (the queue's own is
+        // 16-aligned; an indirect table need not be): a copy otherwise.
+        let (lo, hi) = if (table.ptr_guard().as_ptr() as usize).is_multiple_of(8) {
+            let load = |off| table.load::<u64>(off, Ordering::Relaxed).map(u64::from_le);
+            (load(at), load(at + 8))
+        } else {
+            let read = |off| table.read_obj::<u64>(off).map(u64::from_le);
+            (read(at), read(at + 8))
+        };
+        let (lo, hi) = (
+            lo.map_err(|_| ChainError::Memory)?,
+            hi.map_err(|_| ChainError::Memory)?,
+        );
         Ok(Descriptor {
-            addr: u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
-            len: u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
-            flags: u16::from_le_bytes([raw[12], raw[13]]),
-            next: u16::from_le_bytes([raw[14], raw[15]]),
+            addr: lo,
+            len: hi as u32,
+            flags: (hi >> 32) as u16,
+            next: (hi >> 48) as u16,
         })
     }
 
@@ -925,13 +743,9 @@ impl Queue {
                 index = 0;
                 continue;
             }
+            // RAM-ness is checked when the buffer is pinned, after the
+            // chain's length: nothing here touches the buffer.
             let (addr, len) = (GuestAddress(desc.addr), desc.len);
-            if len > 0 && !frames.is_ram(addr, u64::from(len)) {
-                return Err(ChainError::Buffer {
-                    addr: desc.addr,
-                    len,
-                });
-            }
             if desc.has(VRING_DESC_F_WRITE) {
                 chain.writable.push(WritableBuffer { addr, len });
             } else {
