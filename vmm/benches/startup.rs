@@ -143,6 +143,18 @@ fn host_mib() -> u64 {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        assert!(
+            std::env::var("MINIVMM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "/dev/kvm is not usable ({e}) and MINIVMM_REQUIRE_KVM=1 requires it"
+        );
+        println!("SKIPPED startup bench: /dev/kvm is not usable ({e})");
+        return;
+    }
     let rounds = if bench { 15 } else { 1 };
     let dir = std::env::temp_dir().join(format!("minivmm-startup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
