@@ -46,6 +46,14 @@ impl<B: AsRef<[AtomicU64]>> DirtyLog<B> {
             return Err(Error::Empty(addr));
         }
         let range = FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))?;
+        // Nearly always inside one range: one lookup.
+        if let Some(ri) = self.map.range_index(range.start)
+            && range.end <= self.map.range_at(ri).end
+        {
+            let first = self.map.index_in(ri, range.start) as u64;
+            self.set_bits(first, first + range.len());
+            return Ok(());
+        }
         if !self.map.is_contiguous_ram(&range) {
             return Err(Error::NotRam(range));
         }
@@ -55,6 +63,7 @@ impl<B: AsRef<[AtomicU64]>> DirtyLog<B> {
         Ok(())
     }
 
+    #[inline]
     fn set_bits(&self, start: u64, end: u64) {
         let words = self.bits.as_ref();
         let mut i = start;

@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::vec::Vec;
 
 use vm_memory::mmap::FromRangesError;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileSlice,
+};
 
 use crate::addr::{FrameNumber, FrameRange, PAGE_SIZE, PhysAddr};
 use crate::buddy::{self, FrameAllocator, Stats};
@@ -162,6 +165,9 @@ pub struct GuestFrames {
     dirty: DirtyLog<ZeroedSlice<AtomicU64>>,
     meta: SharedMeta,
     dirty_words: ZeroedSlice<AtomicU64>,
+    /// `(start, len)` of each memory region, in order (at most two: below
+    /// and above the MMIO hole), for [`GuestFrames::slice`].
+    regions: Vec<(u64, u64)>,
     size: u64,
 }
 
@@ -204,6 +210,7 @@ impl GuestFrames {
             .map_err(Error::Metadata)?;
         let dirty = DirtyLog::new(map, dirty_words.clone())
             .map_err(|e| Error::Frames(buddy::Error::Table(e)))?;
+        let regions = ranges.iter().map(|&(a, l)| (a.0, l)).collect();
         Ok(GuestFrames {
             memory,
             table,
@@ -211,6 +218,7 @@ impl GuestFrames {
             dirty,
             meta,
             dirty_words,
+            regions,
             size,
         })
     }
@@ -320,6 +328,27 @@ impl GuestFrames {
         })
     }
 
+    /// `len` bytes of guest RAM at `addr` as a volatile slice, if they lie
+    /// inside one region. The device path's accessor: a linear check of the
+    /// (at most two) regions, then the region's own slice, where vm-memory's
+    /// generic accessors search and dispatch on every access.
+    #[inline]
+    pub fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_>> {
+        let (index, offset) = self
+            .regions
+            .iter()
+            .enumerate()
+            .find_map(|(i, &(start, size))| {
+                let offset = addr.0.checked_sub(start)?;
+                (offset < size).then_some((i, offset))
+            })?;
+        self.memory
+            .iter()
+            .nth(index)?
+            .get_slice(MemoryRegionAddress(offset), len)
+            .ok()
+    }
+
     /// Whether `[addr, addr + len)` is non-empty, does not wrap, and is
     /// contiguous guest RAM (no hole inside).
     #[inline]
@@ -355,7 +384,6 @@ impl GuestFrames {
     /// [`GuestFrames::state_resident_bytes`], what separates the guest's
     /// memory from the VMM's in a process's RSS.
     pub fn guest_resident_bytes(&self) -> io::Result<u64> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let mut total = 0;
         for region in self.memory.iter() {
             let host = region

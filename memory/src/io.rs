@@ -100,9 +100,9 @@ impl GuestFrames {
                 let (addr, len) = segments[i];
                 let start = if i == seg { skip } else { 0 };
                 if len > start {
-                    let slice = mem
-                        .get_slice(GuestAddress(addr.0 + start as u64), len - start)
-                        .map_err(|_| invalid(addr, len))?;
+                    let slice = self
+                        .slice(GuestAddress(addr.0 + start as u64), len - start)
+                        .ok_or_else(|| invalid(addr, len))?;
                     // The guard only carries vm-memory's dirty bitmap, which
                     // GuestFrames' regions do not have (they keep their own
                     // log); the pointer is valid for as long as the region.

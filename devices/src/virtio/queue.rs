@@ -52,10 +52,7 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, VolatileSlice,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, VolatileMemory, VolatileSlice};
 
 /// Largest queue size minivmm offers (QueueNumMax).
 pub const MAX_QUEUE_SIZE: u16 = 256;
@@ -198,39 +195,6 @@ impl Descriptor {
     }
 }
 
-/// Where a ring lies: the guest memory region that holds it (found once, at
-/// activation; a ring is pinned contiguous RAM, so it is in one region) and
-/// its offset there. Ring accesses then index that region directly instead
-/// of looking the address up on every access.
-#[derive(Clone, Copy, Debug, Default)]
-struct RingAt {
-    region: usize,
-    offset: u64,
-    len: usize,
-}
-
-impl RingAt {
-    fn find(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Option<RingAt> {
-        mem.iter().enumerate().find_map(|(region, r)| {
-            let offset = addr.0.checked_sub(r.start_addr().0)?;
-            (offset.checked_add(len)? <= r.len()).then_some(RingAt {
-                region,
-                offset,
-                len: len as usize,
-            })
-        })
-    }
-
-    /// The ring as a slice of its region.
-    #[inline]
-    fn slice<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<VolatileSlice<'m>, QueueError> {
-        mem.iter()
-            .nth(self.region)
-            .and_then(|r| r.get_slice(MemoryRegionAddress(self.offset), self.len).ok())
-            .ok_or(QueueError::Memory(GuestMemoryError::InvalidBackendAddress))
-    }
-}
-
 /// A ring access that failed (it cannot, within a validated ring slice).
 fn ring_err(e: vm_memory::VolatileMemoryError) -> QueueError {
     QueueError::Memory(e.into())
@@ -279,9 +243,9 @@ pub struct Queue {
     signalled_used: Option<Wrapping<u16>>,
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
-    /// The available and used rings, located at activation.
-    avail_at: RingAt,
-    used_at: RingAt,
+    /// Bytes of the available and used rings (set at activation).
+    avail_len: usize,
+    used_len: usize,
     /// Buffer lists of completed chains, reused so a request allocates nothing.
     spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>, PinSet)>,
     active: bool,
@@ -315,8 +279,8 @@ impl Queue {
             signalled_used: None,
             in_flight: InFlight::default(),
             ring_pins: Vec::new(),
-            avail_at: RingAt::default(),
-            used_at: RingAt::default(),
+            avail_len: 0,
+            used_len: 0,
             spare: Vec::new(),
             active: false,
             generation: 0,
@@ -441,12 +405,17 @@ impl Queue {
                     .map_err(|_| QueueError::RingNotRam { ring, addr: addr.0 })?,
             );
         }
-        let mem = frames.memory();
-        let locate = |ring, addr: GuestAddress, len| {
-            RingAt::find(mem, addr, len).ok_or(QueueError::RingNotRam { ring, addr: addr.0 })
-        };
-        self.avail_at = locate("available ring", self.avail_ring, 6 + 2 * size)?;
-        self.used_at = locate("used ring", self.used_ring, 6 + 8 * size)?;
+        // Pinned contiguous RAM lies in one region: the slices exist.
+        self.avail_len = 6 + 2 * size as usize;
+        self.used_len = 6 + 8 * size as usize;
+        for (ring, addr, len) in [
+            ("available ring", self.avail_ring, self.avail_len),
+            ("used ring", self.used_ring, self.used_len),
+        ] {
+            if frames.slice(addr, len).is_none() {
+                return Err(QueueError::RingNotRam { ring, addr: addr.0 });
+            }
+        }
         self.ring_pins = pins;
         self.active = true;
         Ok(())
@@ -475,16 +444,14 @@ impl Queue {
         if !self.active {
             return Err(QueueError::NotReady);
         }
-        let mem = frames.memory();
-        let ring = self.avail_at.slice(mem)?;
+        let ring = self.ring(frames, self.avail_ring, self.avail_len)?;
         let avail_idx = || ring.load::<u16>(2, Ordering::Acquire).map(Wrapping);
         let mut avail = avail_idx().map_err(ring_err)?;
         if avail == self.next_avail && self.event_idx {
             // Out of work: ask to be notified at the next entry, then look again
             // (the driver may have added one before seeing avail_event).
             let at = 4 + 8 * usize::from(self.size);
-            self.used_at
-                .slice(mem)?
+            self.ring(frames, self.used_ring, self.used_len)?
                 .store(self.next_avail.0, at, Ordering::Relaxed)
                 .map_err(ring_err)?;
             let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + at as u64), 2);
@@ -570,7 +537,7 @@ impl Queue {
         if !self.active {
             return Ok(false);
         }
-        let ring = self.avail_at.slice(frames.memory())?;
+        let ring = self.ring(frames, self.avail_ring, self.avail_len)?;
         fence(Ordering::SeqCst);
         let new = self.next_used;
         if !self.event_idx {
@@ -591,17 +558,31 @@ impl Queue {
         Ok(new - used_event - Wrapping(1) < new - old)
     }
 
+    /// A ring as a slice (validated at activation, so it exists).
+    #[inline]
+    fn ring<'m>(
+        &self,
+        frames: &'m GuestFrames,
+        addr: GuestAddress,
+        len: usize,
+    ) -> Result<VolatileSlice<'m>, QueueError> {
+        frames
+            .slice(addr, len)
+            .ok_or(QueueError::Memory(GuestMemoryError::InvalidGuestAddress(
+                addr,
+            )))
+    }
+
     fn avail_idx(&self, frames: &GuestFrames) -> Result<Wrapping<u16>, QueueError> {
         let idx: u16 = self
-            .avail_at
-            .slice(frames.memory())?
+            .ring(frames, self.avail_ring, self.avail_len)?
             .load(2, Ordering::Acquire)
             .map_err(ring_err)?;
         Ok(Wrapping(idx))
     }
 
     fn push_used(&mut self, frames: &GuestFrames, head: u16, len: u32) -> Result<(), QueueError> {
-        let ring = self.used_at.slice(frames.memory())?;
+        let ring = self.ring(frames, self.used_ring, self.used_len)?;
         let elem = 4 + 8 * usize::from(self.next_used.0 % self.size);
         // The used ring is 4-aligned (checked at activation): two stores.
         ring.store(u32::from(head).to_le(), elem, Ordering::Relaxed)
@@ -626,7 +607,7 @@ impl Queue {
         // Two 8-byte loads where the table is 8-aligned (the queue's own is
         // 16-aligned; an indirect table need not be): a copy otherwise.
         let (lo, hi) = if (table.ptr_guard().as_ptr() as usize).is_multiple_of(8) {
-            let load = |off| table.load::<u64>(off, Ordering::Relaxed).map(u64::from_le);
+            let load = |off| table.get_ref::<u64>(off).map(|r| u64::from_le(r.load()));
             (load(at), load(at + 8))
         } else {
             let read = |off| table.read_obj::<u64>(off).map(u64::from_le);
@@ -694,10 +675,10 @@ impl Queue {
         head: u16,
         chain: &mut DescriptorChain,
     ) -> Result<Option<(GuestAddress, u32)>, ChainError> {
-        let mem = frames.memory();
         let slice = |addr: GuestAddress, entries: u16| {
-            mem.get_slice(addr, DESC_SIZE as usize * usize::from(entries))
-                .map_err(|_| ChainError::Memory)
+            frames
+                .slice(addr, DESC_SIZE as usize * usize::from(entries))
+                .ok_or(ChainError::Memory)
         };
         let mut table = slice(self.desc_table, self.size)?;
         let mut table_len = self.size;
