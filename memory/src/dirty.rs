@@ -11,7 +11,7 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{FrameNumber, FrameRange, PhysAddr};
-use crate::table::{Error, FrameMap};
+use crate::table::{Error, FrameMap, covering};
 
 /// One dirty bit per RAM frame.
 pub struct DirtyLog<B> {
@@ -42,10 +42,7 @@ impl<B: AsRef<[AtomicU64]>> DirtyLog<B> {
     /// nothing, unless the range is non-empty contiguous RAM.
     #[inline]
     pub fn mark(&self, addr: PhysAddr, len: u64) -> Result<(), Error> {
-        if len == 0 {
-            return Err(Error::Empty(addr));
-        }
-        let range = FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))?;
+        let range = covering(addr, len)?;
         // Nearly always inside one range: one lookup.
         if let Some(ri) = self.map.range_index(range.start)
             && range.end <= self.map.range_at(ri).end

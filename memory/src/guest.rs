@@ -349,13 +349,6 @@ impl GuestFrames {
             .ok()
     }
 
-    /// Whether `[addr, addr + len)` is non-empty, does not wrap, and is
-    /// contiguous guest RAM (no hole inside).
-    #[inline]
-    pub fn is_ram(&self, addr: GuestAddress, len: u64) -> bool {
-        self.table.ram_range(addr.into(), len).is_ok()
-    }
-
     /// An empty [`PinSet`] on these frames.
     pub fn pin_set(&self) -> PinSet {
         PinSet {

@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::prelude::rust_2024::*;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
 use crate::guest::GuestFrames;
 
@@ -71,7 +71,6 @@ impl GuestFrames {
         segments: &[(GuestAddress, usize)],
         dir: Direction,
     ) -> io::Result<usize> {
-        let mem = self.memory();
         let invalid = |addr: GuestAddress, len: usize| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -82,7 +81,7 @@ impl GuestFrames {
         // batch is checked as its iovecs are built; longer lists up front.
         if segments.len() > IOV_BATCH {
             for &(addr, len) in segments {
-                if len > 0 && mem.get_slice(addr, len).is_err() {
+                if len > 0 && self.slice(addr, len).is_none() {
                     return Err(invalid(addr, len));
                 }
             }
@@ -130,7 +129,7 @@ impl GuestFrames {
                 // SAFETY: `iov` points at `count` initialised iovecs (MaybeUninit
                 // has the layout of its value); each points at `iov_len` bytes of
                 // a live mapping of guest RAM owned by `self` (checked by
-                // `get_slice` above; regions are unmapped only when `self` drops,
+                // `slice` above; regions are unmapped only when `self` drops,
                 // which the borrow prevents). The kernel reads or writes only
                 // those bytes. Guest memory may change under us, which is fine
                 // for raw bytes.

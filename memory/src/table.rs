@@ -247,6 +247,16 @@ pub(crate) fn largest_order(f: u64, room: u64) -> u32 {
     align_order.min(room_order)
 }
 
+/// The frames of the byte range `[addr, addr + len)`: an error when it is
+/// empty or wraps.
+#[inline]
+pub(crate) fn covering(addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
+    if len == 0 {
+        return Err(Error::Empty(addr));
+    }
+    FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))
+}
+
 /// First frame of the window holding `frame`, and one past its last.
 #[inline]
 pub(crate) fn window_of(frame: u64) -> (u64, u64) {
@@ -312,9 +322,44 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
     /// frame of the range in that section.
     #[inline]
     pub(crate) fn anchor(&self, ri: usize, frame: u64) -> &FrameMeta {
-        let range = self.map.range_at(ri);
-        let first = (frame & !(SECTION_FRAMES - 1)).max(range.start.0);
-        self.meta_at(self.map.index_in(ri, FrameNumber(first)))
+        self.meta_at(self.anchor_index(ri, frame))
+    }
+
+    /// The anchor's frame and metadata index, for the section holding
+    /// `frame` (of range `ri`).
+    #[inline]
+    fn anchor_frame(&self, ri: usize, frame: u64) -> FrameNumber {
+        FrameNumber((frame & !(SECTION_FRAMES - 1)).max(self.map.range_at(ri).start.0))
+    }
+
+    #[inline]
+    fn anchor_index(&self, ri: usize, frame: u64) -> usize {
+        self.map.index_in(ri, self.anchor_frame(ri, frame))
+    }
+
+    /// The pieces of `range` (contiguous RAM) in one range and one section
+    /// each, as `(range index, first frame, end frame)`: what a pin counts on.
+    #[inline]
+    fn pieces(&self, range: FrameRange) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+        let mut f = range.start.0;
+        core::iter::from_fn(move || {
+            if f >= range.end.0 {
+                return None;
+            }
+            let ri = self
+                .map
+                .range_index(FrameNumber(f))
+                .expect("checked contiguous RAM");
+            let section_end = (f | (SECTION_FRAMES - 1)) + 1;
+            let end = range
+                .end
+                .0
+                .min(self.map.range_at(ri).end.0)
+                .min(section_end);
+            let piece = (ri, f, end);
+            f = end;
+            Some(piece)
+        })
     }
 
     /// Whether the window holding `frame` (of range `ri`) has explicit metadata.
@@ -420,29 +465,7 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
     #[inline]
     pub(crate) fn pin_frames(&self, addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
         let range = self.ram_range(addr, len)?;
-        let mut f = range.start.0;
-        while f < range.end.0 {
-            let (ri, end) = self.piece(f, range.end.0);
-            let anchor = self.anchor(ri, f);
-            let err = if anchor.section_poisoned()
-                && let Some(bad) = self.poisoned_frame(f, end)
-            {
-                Some(Error::Poisoned(bad))
-            } else if !anchor.try_pin(MAX_PINS) {
-                let first = (f & !(SECTION_FRAMES - 1)).max(self.map.range_at(ri).start.0);
-                Some(Error::TooManyPins(FrameNumber(first)))
-            } else {
-                None
-            };
-            if let Some(err) = err {
-                self.unpin(FrameRange {
-                    start: range.start,
-                    end: FrameNumber(f),
-                });
-                return Err(err);
-            }
-            f = end;
-        }
+        self.pin_pieces(range, |_| {})?;
         Ok(range)
     }
 
@@ -459,35 +482,56 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
         len: u64,
         mut record: impl FnMut(usize),
     ) -> Result<(), Error> {
-        if len == 0 {
-            return Err(Error::Empty(addr));
-        }
-        let range = FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))?;
+        let range = covering(addr, len)?;
         let (start, last) = (range.start.0, range.end.0 - 1);
-        if let Some(ri) = self.map.range_index(range.start) {
-            let r = self.map.range_at(ri);
-            if last < r.end.0 && start >> SECTION_SHIFT == last >> SECTION_SHIFT {
-                let first = (start & !(SECTION_FRAMES - 1)).max(r.start.0);
-                let index = self.map.index_in(ri, FrameNumber(first));
-                let anchor = self.meta_at(index);
-                if !anchor.section_poisoned() {
-                    if !anchor.try_pin(MAX_PINS) {
-                        return Err(Error::TooManyPins(FrameNumber(first)));
-                    }
-                    record(index);
-                    return Ok(());
+        // The common case, checked without walking pieces: one range, one
+        // section, no poison.
+        if let Some(ri) = self.map.range_index(range.start)
+            && last < self.map.range_at(ri).end.0
+            && start >> SECTION_SHIFT == last >> SECTION_SHIFT
+        {
+            let index = self.anchor_index(ri, start);
+            let anchor = self.meta_at(index);
+            if !anchor.section_poisoned() {
+                if !anchor.try_pin(MAX_PINS) {
+                    return Err(Error::TooManyPins(self.anchor_frame(ri, start)));
                 }
+                record(index);
+                return Ok(());
             }
         }
-        // Across sections or ranges, or in a poisoned section.
-        let range = self.pin_frames(addr, len)?;
-        let mut f = range.start.0;
-        while f < range.end.0 {
-            let (ri, end) = self.piece(f, range.end.0);
-            let r = self.map.range_at(ri);
-            let first = (f & !(SECTION_FRAMES - 1)).max(r.start.0);
-            record(self.map.index_in(ri, FrameNumber(first)));
-            f = end;
+        let range = self.ram_range(addr, len)?;
+        self.pin_pieces(range, record)
+    }
+
+    /// Counts one pin on the anchor of each piece of `range` (contiguous RAM),
+    /// refusing poisoned frames and full sections; on error the pieces
+    /// already counted are dropped again and nothing is recorded.
+    fn pin_pieces(&self, range: FrameRange, mut record: impl FnMut(usize)) -> Result<(), Error> {
+        // Records are passed on only once every piece is pinned.
+        let mut failed = None;
+        for (ri, f, end) in self.pieces(range) {
+            let anchor = self.anchor(ri, f);
+            if anchor.section_poisoned()
+                && let Some(bad) = self.poisoned_frame(f, end)
+            {
+                failed = Some((f, Error::Poisoned(bad)));
+                break;
+            }
+            if !anchor.try_pin(MAX_PINS) {
+                failed = Some((f, Error::TooManyPins(self.anchor_frame(ri, f))));
+                break;
+            }
+        }
+        if let Some((f, err)) = failed {
+            self.unpin(FrameRange {
+                start: range.start,
+                end: FrameNumber(f),
+            });
+            return Err(err);
+        }
+        for (ri, f, _) in self.pieces(range) {
+            record(self.anchor_index(ri, f));
         }
         Ok(())
     }
@@ -506,25 +550,9 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
     /// with the range `pin_frames` returned.
     #[inline]
     pub(crate) fn unpin(&self, range: FrameRange) {
-        let mut f = range.start.0;
-        while f < range.end.0 {
-            let (ri, end) = self.piece(f, range.end.0);
+        for (ri, f, _) in self.pieces(range) {
             self.anchor(ri, f).unpin();
-            f = end;
         }
-    }
-
-    /// The range holding RAM frame `f`, and where the piece of `[f, end)` in
-    /// that range and section ends.
-    #[inline]
-    fn piece(&self, f: u64, end: u64) -> (usize, u64) {
-        let ri = self
-            .map
-            .range_index(FrameNumber(f))
-            .expect("checked contiguous RAM");
-        let section_end = (f | (SECTION_FRAMES - 1)) + 1;
-        let piece_end = end.min(self.map.range_at(ri).end.0).min(section_end);
-        (ri, piece_end)
     }
 
     /// The first poisoned frame of `[start, end)` (one range), if any.
@@ -543,11 +571,8 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
     /// Records that `range` (RAM) holds poisoned frames, on every section
     /// anchor it touches, so pins there check frame by frame.
     pub(crate) fn mark_poisoned_sections(&self, range: &FrameRange) {
-        let mut f = range.start.0;
-        while f < range.end.0 {
-            let (ri, end) = self.piece(f, range.end.0);
+        for (ri, f, _) in self.pieces(*range) {
             self.anchor(ri, f).set_section_poisoned();
-            f = end;
         }
     }
 
@@ -555,15 +580,8 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
     /// keeps a block from being freed.
     #[inline]
     pub fn is_range_pinned(&self, range: &FrameRange) -> bool {
-        let mut f = range.start.0;
-        while f < range.end.0 {
-            let (ri, end) = self.piece(f, range.end.0);
-            if self.anchor(ri, f).section_pins() > 0 {
-                return true;
-            }
-            f = end;
-        }
-        false
+        self.pieces(*range)
+            .any(|(ri, f, _)| self.anchor(ri, f).section_pins() > 0)
     }
 
     /// Whether any section overlapping `[addr, addr + len)` carries a DMA pin.
@@ -574,25 +592,17 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
 
     /// DMA pins held on all of RAM (each pin counts once per section it covers).
     pub fn pins(&self) -> u64 {
-        let mut total = 0;
-        for ri in 0..self.map.count {
-            let r = self.map.range_at(ri);
-            let mut f = r.start.0;
-            while f < r.end.0 {
-                total += u64::from(self.anchor(ri, f).section_pins());
-                f = ((f | (SECTION_FRAMES - 1)) + 1).min(r.end.0);
-            }
-        }
-        total
+        self.map
+            .ranges()
+            .flat_map(|r| self.pieces(r))
+            .map(|(ri, f, _)| u64::from(self.anchor(ri, f).section_pins()))
+            .sum()
     }
 
     /// The frames of `[addr, addr + len)`, checked to be contiguous RAM.
     #[inline]
     pub(crate) fn ram_range(&self, addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
-        if len == 0 {
-            return Err(Error::Empty(addr));
-        }
-        let range = FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))?;
+        let range = covering(addr, len)?;
         if !self.map.is_contiguous_ram(&range) {
             return Err(Error::NotRam(range));
         }
@@ -691,7 +701,7 @@ impl<S: AsRef<[FrameMeta]>> Iterator for Blocks<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{fr, meta_for};
+    use crate::test_util::{TILING_3_2053, fr, meta_for};
     use alloc::vec::Vec;
 
     fn table(ranges: &[FrameRange]) -> FrameTable<Vec<FrameMeta>> {
@@ -845,23 +855,7 @@ mod tests {
     fn untouched_table_is_tiled_by_canonical_blocks_without_writes() {
         let t = table(&[fr(3, 2048 + 5)]);
         let blocks: Vec<(u64, u32)> = t.blocks().map(|b| (b.start.0, b.order)).collect();
-        assert_eq!(
-            blocks,
-            [
-                (3, 0),
-                (4, 2),
-                (8, 3),
-                (16, 4),
-                (32, 5),
-                (64, 6),
-                (128, 7),
-                (256, 8),
-                (512, 9),
-                (1024, 10),
-                (2048, 2),
-                (2052, 0)
-            ]
-        );
+        assert_eq!(blocks, TILING_3_2053);
         assert!(t.blocks().all(|b| b.flags == FrameFlags::FREE));
         let b = t.block_containing(FrameNumber(700)).unwrap();
         assert_eq!((b.start.0, b.order, b.flags), (512, 9, FrameFlags::FREE));

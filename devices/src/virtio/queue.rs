@@ -710,15 +710,13 @@ impl Queue {
                     return Err(ChainError::IndirectLength(desc.len));
                 }
                 let addr = GuestAddress(desc.addr);
-                if !frames.is_ram(addr, u64::from(desc.len)) {
-                    return Err(ChainError::Buffer {
-                        addr: desc.addr,
-                        len: desc.len,
-                    });
-                }
-                indirect_table = Some((addr, desc.len));
                 table_len = entries as u16;
-                table = slice(addr, table_len)?;
+                // Not RAM (or across a hole): no slice.
+                table = slice(addr, table_len).map_err(|_| ChainError::Buffer {
+                    addr: desc.addr,
+                    len: desc.len,
+                })?;
+                indirect_table = Some((addr, desc.len));
                 // The table's own budget: its length.
                 budget = table_len;
                 index = 0;
