@@ -58,15 +58,26 @@ fn rig(name: &str, read_only: bool) -> Rig {
     }
 }
 
+/// Writes a request header (type, sector) at `HDR`.
+fn write_header(frames: &GuestFrames, kind: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
+}
+
+/// What Linux sends for one request: the header at `HDR`, every data
+/// segment in its own descriptor, the status byte at `STATUS`.
+fn linux_request(data: impl Iterator<Item = (u64, u32)>, writable: bool) -> Vec<(u64, u32, bool)> {
+    let mut table = vec![(HDR, 16, false)];
+    table.extend(data.map(|(addr, len)| (addr, len, writable)));
+    table.push((STATUS, 1, true));
+    table
+}
+
 impl Rig {
     fn header(&self, kind: u32, sector: u64) {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.frames
-            .memory()
-            .write_slice(&h, GuestAddress(HDR))
-            .unwrap();
+        write_header(&self.frames, kind, sector);
         self.frames
             .memory()
             .write_obj(0xeeu8, GuestAddress(STATUS))
@@ -677,14 +688,8 @@ fn block_serves_linux_sized_254_segment_requests_on_a_256_entry_queue() {
             .unwrap();
     }
     let request = |kind: u32, writable: bool| {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&8u64.to_le_bytes());
-        frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
-        let mut table = vec![(HDR, 16, false)];
-        table.extend((0..254).map(|i| (data(i), 4096, writable)));
-        table.push((STATUS, 1, true));
-        table
+        write_header(&frames, kind, 8);
+        linux_request((0..254).map(|i| (data(i), 4096)), writable)
     };
     // Write 254 pages at sector 8, then read them back into cleared pages.
     driver.add_indirect_chain(GuestAddress(0x50_0000), &request(VIRTIO_BLK_T_OUT, false));
@@ -730,13 +735,8 @@ fn block_ring_of_chains_covering_all_ram_is_answered_touching_bounded_state() {
     let frames = GuestFrames::new(260 << 20, Backing::Anonymous).unwrap();
     let (mut queue, mut driver) = queue_256(&frames, &block);
     let capacity = block.capacity();
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    h[8..16].copy_from_slice(&capacity.to_le_bytes());
-    frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
-    let mut table = vec![(HDR, 16, false)];
-    table.extend((0..254).map(|i| (0x60_0000 + i * (1 << 20), 1 << 20, true)));
-    table.push((STATUS, 1, true));
+    write_header(&frames, VIRTIO_BLK_T_IN, capacity);
+    let table = linux_request((0..254).map(|i| (0x60_0000 + i * (1 << 20), 1 << 20)), true);
     let before = frames.state_resident_bytes().unwrap();
     for _ in 0..MAX_QUEUE_SIZE {
         driver.add_indirect_chain(GuestAddress(0x50_0000), &table);
@@ -766,9 +766,7 @@ fn block_batch_ends_at_its_byte_budget_and_the_rest_follows() {
     let (mut block, path) = sparse_block("budget", 256 << 20);
     let frames = GuestFrames::new(128 << 20, Backing::Anonymous).unwrap();
     let (mut queue, mut driver) = queue_256(&frames, &block);
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-    frames.memory().write_slice(&h, GuestAddress(HDR)).unwrap();
+    write_header(&frames, VIRTIO_BLK_T_IN, 0);
     // Four reads of 16 MiB: two fill the 32 MiB budget.
     let chunk = 16u32 << 20;
     for i in 0..4u64 {

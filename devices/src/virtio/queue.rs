@@ -195,6 +195,20 @@ impl Descriptor {
     }
 }
 
+/// `len` bytes of a ring at `addr` as a slice.
+#[inline]
+fn ring(
+    frames: &GuestFrames,
+    addr: GuestAddress,
+    len: usize,
+) -> Result<VolatileSlice<'_>, QueueError> {
+    frames
+        .slice(addr, len)
+        .ok_or(QueueError::Memory(GuestMemoryError::InvalidGuestAddress(
+            addr,
+        )))
+}
+
 /// A ring access that failed (it cannot, within a validated ring slice).
 fn ring_err(e: vm_memory::VolatileMemoryError) -> QueueError {
     QueueError::Memory(e.into())
@@ -243,9 +257,6 @@ pub struct Queue {
     signalled_used: Option<Wrapping<u16>>,
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
-    /// Bytes of the available and used rings (set at activation).
-    avail_len: usize,
-    used_len: usize,
     /// Buffer lists of completed chains, reused so a request allocates nothing.
     spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>, PinSet)>,
     active: bool,
@@ -279,8 +290,6 @@ impl Queue {
             signalled_used: None,
             in_flight: InFlight::default(),
             ring_pins: Vec::new(),
-            avail_len: 0,
-            used_len: 0,
             spare: Vec::new(),
             active: false,
             generation: 0,
@@ -399,22 +408,10 @@ impl Queue {
             if addr.0 % align != 0 {
                 return Err(QueueError::Misaligned { ring, addr: addr.0 });
             }
-            pins.push(
-                frames
-                    .pin(addr, len)
-                    .map_err(|_| QueueError::RingNotRam { ring, addr: addr.0 })?,
-            );
-        }
-        // Pinned contiguous RAM lies in one region: the slices exist.
-        self.avail_len = 6 + 2 * size as usize;
-        self.used_len = 6 + 8 * size as usize;
-        for (ring, addr, len) in [
-            ("available ring", self.avail_ring, self.avail_len),
-            ("used ring", self.used_ring, self.used_len),
-        ] {
-            if frames.slice(addr, len).is_none() {
-                return Err(QueueError::RingNotRam { ring, addr: addr.0 });
-            }
+            let not_ram = || QueueError::RingNotRam { ring, addr: addr.0 };
+            // Pinned, and inside one memory region, where `ring` finds it.
+            pins.push(frames.pin(addr, len).map_err(|_| not_ram())?);
+            frames.slice(addr, len as usize).ok_or_else(not_ram)?;
         }
         self.ring_pins = pins;
         self.active = true;
@@ -444,14 +441,14 @@ impl Queue {
         if !self.active {
             return Err(QueueError::NotReady);
         }
-        let ring = self.ring(frames, self.avail_ring, self.avail_len)?;
+        let ring = self.avail(frames)?;
         let avail_idx = || ring.load::<u16>(2, Ordering::Acquire).map(Wrapping);
         let mut avail = avail_idx().map_err(ring_err)?;
         if avail == self.next_avail && self.event_idx {
             // Out of work: ask to be notified at the next entry, then look again
             // (the driver may have added one before seeing avail_event).
             let at = 4 + 8 * usize::from(self.size);
-            self.ring(frames, self.used_ring, self.used_len)?
+            self.used(frames)?
                 .store(self.next_avail.0, at, Ordering::Relaxed)
                 .map_err(ring_err)?;
             let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + at as u64), 2);
@@ -537,7 +534,7 @@ impl Queue {
         if !self.active {
             return Ok(false);
         }
-        let ring = self.ring(frames, self.avail_ring, self.avail_len)?;
+        let ring = self.avail(frames)?;
         fence(Ordering::SeqCst);
         let new = self.next_used;
         if !self.event_idx {
@@ -558,31 +555,28 @@ impl Queue {
         Ok(new - used_event - Wrapping(1) < new - old)
     }
 
-    /// A ring as a slice (validated at activation, so it exists).
+    /// The available ring as a slice (found at activation, so it exists).
     #[inline]
-    fn ring<'m>(
-        &self,
-        frames: &'m GuestFrames,
-        addr: GuestAddress,
-        len: usize,
-    ) -> Result<VolatileSlice<'m>, QueueError> {
-        frames
-            .slice(addr, len)
-            .ok_or(QueueError::Memory(GuestMemoryError::InvalidGuestAddress(
-                addr,
-            )))
+    fn avail<'m>(&self, frames: &'m GuestFrames) -> Result<VolatileSlice<'m>, QueueError> {
+        ring(frames, self.avail_ring, 6 + 2 * usize::from(self.size))
+    }
+
+    /// The used ring as a slice.
+    #[inline]
+    fn used<'m>(&self, frames: &'m GuestFrames) -> Result<VolatileSlice<'m>, QueueError> {
+        ring(frames, self.used_ring, 6 + 8 * usize::from(self.size))
     }
 
     fn avail_idx(&self, frames: &GuestFrames) -> Result<Wrapping<u16>, QueueError> {
         let idx: u16 = self
-            .ring(frames, self.avail_ring, self.avail_len)?
+            .avail(frames)?
             .load(2, Ordering::Acquire)
             .map_err(ring_err)?;
         Ok(Wrapping(idx))
     }
 
     fn push_used(&mut self, frames: &GuestFrames, head: u16, len: u32) -> Result<(), QueueError> {
-        let ring = self.ring(frames, self.used_ring, self.used_len)?;
+        let ring = self.used(frames)?;
         let elem = 4 + 8 * usize::from(self.next_used.0 % self.size);
         // The used ring is 4-aligned (checked at activation): two stores.
         ring.store(u32::from(head).to_le(), elem, Ordering::Relaxed)
@@ -625,8 +619,8 @@ impl Queue {
         })
     }
 
-    /// Walks the chain at `head` within the descriptor budgets, validates
-    /// every buffer and the total length, then pins the buffers.
+    /// Walks the chain at `head` within the descriptor budgets, checks its
+    /// total length, then pins its buffers.
     fn walk(&mut self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
         let (readable, writable, pins) = match self.spare.pop() {
             Some(spare) if spare.2.belongs_to(frames) => spare,
@@ -639,7 +633,21 @@ impl Queue {
             writable,
             pins,
         };
-        let indirect_table = self.collect(frames, head, &mut chain)?;
+        match self.fill(frames, &mut chain) {
+            Ok(()) => Ok(chain),
+            Err(e) => {
+                // A refused chain's lists are reused too: a guest sending
+                // bad chains makes the device allocate nothing.
+                self.recycle(chain);
+                Err(e)
+            }
+        }
+    }
+
+    /// Collects the chain's buffers, checks its length against the device's
+    /// limit, then pins its buffers (which also checks they are RAM).
+    fn fill(&self, frames: &GuestFrames, chain: &mut DescriptorChain) -> Result<(), ChainError> {
+        let indirect_table = self.collect(frames, chain.head, chain)?;
         let total = chain.readable_len() + chain.writable_len();
         if total > self.chain_limit {
             return Err(ChainError::TooLarge {
@@ -647,13 +655,12 @@ impl Queue {
                 limit: self.chain_limit,
             });
         }
-        // Everything is RAM and the request is within bounds: pin it.
         let DescriptorChain {
             readable,
             writable,
             pins,
             ..
-        } = &mut chain;
+        } = chain;
         let pieces = indirect_table
             .iter()
             .copied()
@@ -663,12 +670,12 @@ impl Queue {
             pins.pin(addr, u64::from(len))
                 .map_err(|_| ChainError::Buffer { addr: addr.0, len })?;
         }
-        Ok(chain)
+        Ok(())
     }
 
     /// Reads the descriptors of the chain at `head` into `chain`'s buffer
-    /// lists, checking each buffer is guest RAM; returns the indirect table
-    /// the chain went through, if any. Pins nothing.
+    /// lists; returns the indirect table the chain went through, if any.
+    /// Touches no buffer and pins nothing (RAM-ness is checked by the pins).
     fn collect(
         &self,
         frames: &GuestFrames,
