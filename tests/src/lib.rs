@@ -302,7 +302,24 @@ pub const VMLINUX_LOAD: u64 = 0x100_0000;
 /// An ELF64 x86-64 executable without a PVH note (like a vmlinux): one
 /// PT_LOAD of `code` at [`VMLINUX_LOAD`], entry point `entry`.
 pub fn vmlinux_elf(entry: u64, code: &[u8]) -> Vec<u8> {
+    elf(entry, VMLINUX_LOAD, code, false)
+}
+
+/// Where [`pvh_elf`] loads its code.
+pub const PVH_LOAD: u64 = 0x10_0000;
+
+/// An ELF64 with one PT_LOAD of `code` at [`PVH_LOAD`] and a PVH note
+/// (`XEN_ELFNOTE_PHYS32_ENTRY`) pointing at its first byte: entered in 32-bit
+/// protected mode, paging off.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    elf(PVH_LOAD, PVH_LOAD, code, true)
+}
+
+/// One PT_LOAD of `code` at `load` (physical = virtual), `e_entry` `entry`,
+/// and with `pvh` a PT_NOTE holding the Xen PVH entry note.
+fn elf(entry: u64, load: u64, code: &[u8], pvh: bool) -> Vec<u8> {
     const CODE_OFFSET: u64 = 0x1000;
+    const NOTE_OFFSET: u64 = 0x100;
     let mut elf = vec![0u8; CODE_OFFSET as usize];
     let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
     put(0, b"\x7fELF\x02\x01\x01"); // 64-bit, little endian, version 1
@@ -313,17 +330,33 @@ pub fn vmlinux_elf(entry: u64, code: &[u8]) -> Vec<u8> {
     put(0x20, &64u64.to_le_bytes()); // e_phoff
     put(0x34, &64u16.to_le_bytes()); // e_ehsize
     put(0x36, &56u16.to_le_bytes()); // e_phentsize
-    put(0x38, &1u16.to_le_bytes()); // e_phnum
+    put(0x38, &(1 + u16::from(pvh)).to_le_bytes()); // e_phnum
     put(0x3a, &64u16.to_le_bytes()); // e_shentsize
     let ph = 64;
     put(ph, &1u32.to_le_bytes()); // PT_LOAD
     put(ph + 4, &5u32.to_le_bytes()); // R+X
     put(ph + 8, &CODE_OFFSET.to_le_bytes()); // p_offset
-    put(ph + 0x10, &VMLINUX_LOAD.to_le_bytes()); // p_vaddr
-    put(ph + 0x18, &VMLINUX_LOAD.to_le_bytes()); // p_paddr
+    put(ph + 0x10, &load.to_le_bytes()); // p_vaddr
+    put(ph + 0x18, &load.to_le_bytes()); // p_paddr
     put(ph + 0x20, &(code.len() as u64).to_le_bytes()); // p_filesz
     put(ph + 0x28, &(code.len() as u64).to_le_bytes()); // p_memsz
     put(ph + 0x30, &0x1000u64.to_le_bytes()); // p_align
+    if pvh {
+        // Note: namesz 4, descsz 4, type 18, "Xen\0", the 32-bit entry.
+        let note = NOTE_OFFSET as usize;
+        put(note, &4u32.to_le_bytes());
+        put(note + 4, &4u32.to_le_bytes());
+        put(note + 8, &18u32.to_le_bytes());
+        put(note + 12, b"Xen\0");
+        put(note + 16, &(entry as u32).to_le_bytes());
+        let ph = 64 + 56;
+        put(ph, &4u32.to_le_bytes()); // PT_NOTE
+        put(ph + 4, &4u32.to_le_bytes()); // R
+        put(ph + 8, &NOTE_OFFSET.to_le_bytes()); // p_offset
+        put(ph + 0x20, &20u64.to_le_bytes()); // p_filesz
+        put(ph + 0x28, &20u64.to_le_bytes()); // p_memsz
+        put(ph + 0x30, &4u64.to_le_bytes()); // p_align
+    }
     elf.extend_from_slice(code);
     elf
 }

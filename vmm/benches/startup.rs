@@ -31,50 +31,6 @@ const GUEST_CODE: [u8; 18] = [
     0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
     0xf4, 0xeb, 0xfd, // hlt; jmp hlt
 ];
-const LOAD: u64 = 0x10_0000;
-
-/// An ELF64 with one PT_LOAD of `GUEST_CODE` at 1 MiB and a PVH note
-/// (`XEN_ELFNOTE_PHYS32_ENTRY`) pointing at it.
-fn trivial_pvh_elf() -> Vec<u8> {
-    let mut elf = vec![0u8; 0x1000];
-    let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
-    put(0, b"\x7fELF\x02\x01\x01");
-    put(0x10, &2u16.to_le_bytes()); // ET_EXEC
-    put(0x12, &62u16.to_le_bytes()); // EM_X86_64
-    put(0x14, &1u32.to_le_bytes());
-    put(0x18, &LOAD.to_le_bytes()); // e_entry
-    put(0x20, &64u64.to_le_bytes()); // e_phoff
-    put(0x34, &64u16.to_le_bytes());
-    put(0x36, &56u16.to_le_bytes());
-    put(0x38, &2u16.to_le_bytes()); // two program headers
-    put(0x3a, &64u16.to_le_bytes());
-    // PT_LOAD of the code.
-    let code_len = GUEST_CODE.len() as u64;
-    put(64, &1u32.to_le_bytes());
-    put(68, &5u32.to_le_bytes());
-    put(72, &0x1000u64.to_le_bytes());
-    put(80, &LOAD.to_le_bytes());
-    put(88, &LOAD.to_le_bytes());
-    put(96, &code_len.to_le_bytes());
-    put(104, &code_len.to_le_bytes());
-    put(112, &0x1000u64.to_le_bytes());
-    // PT_NOTE: name "Xen", type 18, desc the 32-bit entry.
-    let note_at = 0x100u64;
-    put(120, &4u32.to_le_bytes());
-    put(124, &4u32.to_le_bytes());
-    put(128, &note_at.to_le_bytes());
-    put(152, &20u64.to_le_bytes());
-    put(160, &20u64.to_le_bytes());
-    put(168, &4u64.to_le_bytes());
-    put(0x100, &4u32.to_le_bytes());
-    put(0x104, &4u32.to_le_bytes());
-    put(0x108, &18u32.to_le_bytes());
-    put(0x10c, b"Xen\0");
-    put(0x110, &(LOAD as u32).to_le_bytes());
-    elf.extend_from_slice(&GUEST_CODE);
-    elf
-}
-
 /// One whole-process run: wall milliseconds and peak RSS in KiB.
 // The child is reaped by wait4 (for its rusage), not by `Child::wait`.
 #[allow(clippy::zombie_processes)]
@@ -159,7 +115,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("minivmm-startup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kernel = dir.join("trivial-pvh.elf");
-    std::fs::write(&kernel, trivial_pvh_elf()).unwrap();
+    std::fs::write(&kernel, tests::pvh_elf(&GUEST_CODE)).unwrap();
 
     // minivmm across RAM sizes, the largest ones the host can back.
     let sizes: &[(&str, u64)] = if bench {
