@@ -34,7 +34,7 @@ use crate::buddy::{self, FrameAllocator, Stats};
 use crate::dirty::DirtyLog;
 use crate::layout::{self, MAX_RAM};
 use crate::meta::{FrameFlags, FrameMeta};
-use crate::table::{self, FrameTable};
+use crate::table::{self, FrameTable, HeldSection};
 use crate::zeroed::ZeroedSlice;
 
 type SharedMeta = ZeroedSlice<FrameMeta>;
@@ -355,6 +355,7 @@ impl GuestFrames {
             table: self.table.clone(),
             anchors: Vec::new(),
             pins: 0,
+            held: None,
         }
     }
 
@@ -437,30 +438,54 @@ impl Drop for PinGuard {
 /// DMA pins on several ranges, dropped together: what a device holds for one
 /// request. [`PinSet::clear`] unpins and keeps both the list's allocation and
 /// the table reference, so a device that reuses its sets pins a request with
-/// one locked increment per frame and nothing else (a [`PinGuard`] per
-/// buffer also clones and drops an `Arc`).
+/// at most one locked increment per buffer and nothing else (a [`PinGuard`]
+/// per buffer also clones and drops an `Arc`). A buffer in the section of the
+/// set's last single-section pin takes no new count and no lookup: the set
+/// holds that section pinned until it is cleared, so a request whose buffers
+/// share a section (nearly all) costs one increment and one decrement.
 pub struct PinSet {
     table: Arc<FrameTable<SharedMeta>>,
-    /// Metadata index of the section anchor of each pin (one per pinned
-    /// range and section it covers).
+    /// Metadata index of the section anchor of each count the set holds (one
+    /// per pinned range and section it covers, but for consecutive ranges in
+    /// one section).
     anchors: Vec<usize>,
     /// Ranges pinned.
     pins: usize,
+    /// The section of the last single-section pin, which the set holds.
+    held: Option<HeldSection>,
 }
 
 impl PinSet {
     /// Pins the frames of `[addr, addr + len)` until the set is cleared or
     /// dropped. Fails, changing nothing, as [`GuestFrames::pin`] does.
-    #[inline]
+    #[inline(always)]
     pub fn pin(&mut self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
+        // Inside the held section: nothing to look up or count (checked
+        // here, inlined into the device's loop, before any call).
+        if let Some(held) = self.held
+            && held.covers(addr.0, len)
+            && !self.table.section_poisoned(held)
+        {
+            self.pins += 1;
+            return Ok(());
+        }
+        self.pin_new(addr, len)
+    }
+
+    /// [`PinSet::pin`] outside the held section.
+    #[inline(never)]
+    fn pin_new(&mut self, addr: GuestAddress, len: u64) -> Result<(), table::Error> {
         let anchors = &mut self.anchors;
-        self.table
-            .pin_anchors(addr.into(), len, |a| anchors.push(a))?;
+        let held = self.held;
+        self.held = self
+            .table
+            .pin_anchors(addr.into(), len, held, |a| anchors.push(a))?
+            .or(held);
         self.pins += 1;
         Ok(())
     }
 
-    /// Ranges pinned.
+    /// Ranges pinned (none once parked).
     pub fn len(&self) -> usize {
         self.pins
     }
@@ -475,6 +500,28 @@ impl PinSet {
     pub fn clear(&mut self) {
         self.table.unpin_anchors(&self.anchors);
         self.anchors.clear();
+        self.held = None;
+        self.pins = 0;
+    }
+
+    /// Drops every pin of the set but its count on the section of its last
+    /// single-section pin, which it keeps: a device reusing the set for the
+    /// next request of a batch pins buffers in that section without an
+    /// atomic. The caller [`PinSet::clear`]s parked sets when the batch ends,
+    /// so nothing stays pinned while no request is in progress.
+    pub fn park(&mut self) {
+        let Some(held) = self.held else {
+            return self.clear();
+        };
+        // The held section's count is recorded once (later buffers inside
+        // it recorded nothing); any other counts on it go with the rest.
+        let Some(at) = self.anchors.iter().position(|&a| a == held.anchor()) else {
+            return self.clear();
+        };
+        self.anchors.swap_remove(at);
+        self.table.unpin_anchors(&self.anchors);
+        self.anchors.clear();
+        self.anchors.push(held.anchor());
         self.pins = 0;
     }
 
@@ -706,7 +753,7 @@ mod tests {
         set.pin(GuestAddress(0x4000), 1).unwrap();
         assert!(set.pin(GuestAddress(0), 0).is_err());
         assert_eq!(set.len(), 2);
-        assert_eq!(g.table().pins(), 2);
+        assert_eq!(g.table().pins(), 1, "one count on the shared section");
         set.clear();
         assert!(set.is_empty());
         assert_eq!(g.table().pins(), 0);
@@ -714,6 +761,30 @@ mod tests {
         assert!(g.table().is_pinned(PhysAddr(0x8000), 1).unwrap());
         drop(set);
         assert_eq!(g.table().pins(), 0);
+    }
+
+    #[test]
+    fn parked_pin_set_keeps_one_count_until_cleared() {
+        let g = frames(16 * MIB);
+        let mut set = g.pin_set();
+        set.pin(GuestAddress(0x1000), 0x1000).unwrap();
+        set.pin(GuestAddress(0x3000), 0x1000).unwrap();
+        set.park();
+        assert!(set.is_empty());
+        assert_eq!(g.table().pins(), 1, "the section stays pinned, once");
+        set.pin(GuestAddress(0x5000), 0x1000).unwrap();
+        assert_eq!(g.table().pins(), 1, "a buffer inside it takes no count");
+        set.park();
+        set.park();
+        assert_eq!(g.table().pins(), 1);
+        set.clear();
+        assert_eq!(g.table().pins(), 0);
+        set.park();
+        assert_eq!(g.table().pins(), 0, "nothing held: nothing kept");
+        set.pin(GuestAddress(0x1000), 0x1000).unwrap();
+        set.park();
+        drop(set);
+        assert_eq!(g.table().pins(), 0, "dropped with the set");
     }
 
     #[test]
@@ -813,7 +884,12 @@ mod tests {
                 g.mark_dirty(a, MIB).unwrap();
             }
         }
-        assert_eq!(g.table().pins(), size / MIB);
+        // One count per section: the set's consecutive buffers share them.
+        let sections: u64 = layout::ram_ranges(size)
+            .into_iter()
+            .map(|(start, len)| ((start.0 + len - 1) >> 30) - (start.0 >> 30) + 1)
+            .sum();
+        assert_eq!(g.table().pins(), sections);
         set.clear();
         let resident = g.state_resident_bytes().unwrap();
         let bitmap = size / PAGE_SIZE / 8;

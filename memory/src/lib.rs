@@ -41,7 +41,7 @@ pub use addr::{FrameNumber, FrameRange, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
 pub use buddy::{FrameAllocator, Stats};
 pub use dirty::DirtyLog;
 pub use meta::{FrameFlags, FrameMeta};
-pub use table::{Block, FrameMap, FrameTable, MAX_ORDER, MAX_RANGES};
+pub use table::{Block, FrameMap, FrameTable, HeldSection, MAX_ORDER, MAX_RANGES};
 
 #[cfg(feature = "std")]
 pub use guest::{E820Entry, E820Kind, GuestFrames, PinGuard, PinSet, Purpose};

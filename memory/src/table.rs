@@ -257,6 +257,29 @@ pub(crate) fn covering(addr: PhysAddr, len: u64) -> Result<FrameRange, Error> {
     FrameRange::covering(addr, len).ok_or(Error::Wraps(addr))
 }
 
+/// The frames of one section inside one RAM range (byte addresses), on
+/// which a caller holds a pin taken by [`FrameTable::pin_anchors`]. Only the
+/// table makes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldSection {
+    anchor: usize,
+    start: u64,
+    end: u64,
+}
+
+impl HeldSection {
+    /// The metadata index of the section's anchor, as recorded.
+    pub fn anchor(&self) -> usize {
+        self.anchor
+    }
+
+    /// Whether `[addr, addr + len)` is non-empty and inside the section.
+    #[inline(always)]
+    pub fn covers(&self, addr: u64, len: u64) -> bool {
+        len > 0 && addr >= self.start && addr.checked_add(len).is_some_and(|end| end <= self.end)
+    }
+}
+
 /// First frame of the window holding `frame`, and one past its last.
 #[inline]
 pub(crate) fn window_of(frame: u64) -> (u64, u64) {
@@ -473,15 +496,26 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
     /// passes the metadata index of every section anchor it counted on to
     /// `record`, so that [`FrameTable::unpin_anchors`] drops it without
     /// looking anything up. A buffer inside one range and one section (nearly
-    /// all) takes one range lookup and one atomic. On error nothing is pinned
-    /// and nothing recorded.
+    /// all) takes one range lookup and one atomic, and returns that section
+    /// as a [`HeldSection`]. Given back as `held` while the caller still holds
+    /// that pin (the previous buffer of the same request, typically), it lets
+    /// a buffer inside the same section take nothing at all: no lookup, no
+    /// atomic, nothing recorded — the section is pinned either way. On error
+    /// nothing is pinned and nothing recorded.
     #[inline]
     pub fn pin_anchors(
         &self,
         addr: PhysAddr,
         len: u64,
+        held: Option<HeldSection>,
         mut record: impl FnMut(usize),
-    ) -> Result<(), Error> {
+    ) -> Result<Option<HeldSection>, Error> {
+        if let Some(h) = held
+            && h.covers(addr.0, len)
+            && !self.section_poisoned(h)
+        {
+            return Ok(held);
+        }
         let range = covering(addr, len)?;
         let (start, last) = (range.start.0, range.end.0 - 1);
         // The common case, checked without walking pieces: one range, one
@@ -497,11 +531,18 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
                     return Err(Error::TooManyPins(self.anchor_frame(ri, start)));
                 }
                 record(index);
-                return Ok(());
+                let first = self.anchor_frame(ri, start).0;
+                let end = ((start | (SECTION_FRAMES - 1)) + 1).min(self.map.range_at(ri).end.0);
+                return Ok(Some(HeldSection {
+                    anchor: index,
+                    start: FrameNumber(first).addr().0,
+                    end: FrameNumber(end).addr().0,
+                }));
             }
         }
         let range = self.ram_range(addr, len)?;
-        self.pin_pieces(range, record)
+        self.pin_pieces(range, record)?;
+        Ok(None)
     }
 
     /// Counts one pin on the anchor of each piece of `range` (contiguous RAM),
@@ -534,6 +575,13 @@ impl<S: AsRef<[FrameMeta]>> FrameTable<S> {
             record(self.anchor_index(ri, f));
         }
         Ok(())
+    }
+
+    /// Whether the held section has been found to hold poisoned frames since
+    /// (its pins then check frame by frame).
+    #[inline(always)]
+    pub fn section_poisoned(&self, held: HeldSection) -> bool {
+        self.meta_at(held.anchor).section_poisoned()
     }
 
     /// Drops the pins recorded by [`FrameTable::pin_anchors`]; `anchors` must be
@@ -914,24 +962,57 @@ mod tests {
         let s = SECTION_FRAMES;
         let t = table(&[fr(0, s + 10), fr(s + 10, s + 20)]);
         let mut anchors = Vec::new();
-        t.pin_anchors(PhysAddr(0x3000), 0x2000, |a| anchors.push(a))
+        t.pin_anchors(PhysAddr(0x3000), 0x2000, None, |a| anchors.push(a))
             .unwrap();
         assert_eq!(anchors, [0], "one section: its anchor");
-        t.pin_anchors(FrameNumber(s - 1).addr(), 21 << 12, |a| anchors.push(a))
-            .unwrap();
+        t.pin_anchors(FrameNumber(s - 1).addr(), 21 << 12, None, |a| {
+            anchors.push(a)
+        })
+        .unwrap();
         assert_eq!(anchors[1..], [0, s as usize, (s + 10) as usize]);
         assert_eq!(t.pins(), 4);
         let before = anchors.len();
         assert!(
-            t.pin_anchors(PhysAddr(u64::MAX), 2, |a| anchors.push(a))
+            t.pin_anchors(PhysAddr(u64::MAX), 2, None, |a| anchors.push(a))
                 .is_err()
         );
         assert!(
-            t.pin_anchors(FrameNumber(s + 19).addr(), 0x2000, |a| anchors.push(a))
+            t.pin_anchors(FrameNumber(s + 19).addr(), 0x2000, None, |a| anchors
+                .push(a))
                 .is_err(),
             "past the end of RAM"
         );
         assert_eq!(anchors.len(), before, "nothing recorded on errors");
+        t.unpin_anchors(&anchors);
+        assert_eq!(t.pins(), 0);
+    }
+
+    #[test]
+    fn pin_anchors_takes_nothing_more_on_a_held_section() {
+        let s = SECTION_FRAMES;
+        let t = table(&[fr(0, s + 10), fr(s + 20, 2 * s)]);
+        let mut anchors = Vec::new();
+        let mut pin = |addr: u64, len: u64, held| {
+            t.pin_anchors(PhysAddr(addr), len, held, |a| anchors.push(a))
+        };
+        let held = pin(0x3000, 0x1000, None).unwrap();
+        assert!(held.is_some(), "one section: returned as held");
+        assert_eq!(pin(0x8000, 0x1000, held).unwrap(), held, "inside it");
+        assert_eq!(t.pins(), 1, "the held section counted once");
+        let past = FrameNumber(s).addr().0;
+        let other = pin(past, 0x1000, held).unwrap();
+        assert!(other.is_some() && other != held, "the next section");
+        assert_eq!(t.pins(), 2);
+        // The held span ends with its range, not only with its section.
+        let end = FrameNumber(s + 10).addr().0;
+        assert!(pin(end - 0x1000, 0x2000, other).is_err(), "into the hole");
+        assert!(pin(end, 1, other).is_err(), "in the hole");
+        assert!(pin(0, 0, held).is_err(), "empty");
+        assert!(pin(u64::MAX, 2, held).is_err(), "wrapping");
+        // A poisoned section is checked frame by frame again.
+        t.anchor(0, 0).set_section_poisoned();
+        assert_eq!(pin(0x8000, 0x1000, held).unwrap(), None);
+        assert_eq!(t.pins(), 3);
         t.unpin_anchors(&anchors);
         assert_eq!(t.pins(), 0);
     }
