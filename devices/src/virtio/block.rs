@@ -576,11 +576,7 @@ impl VirtioDevice for Block {
             let len = match result {
                 Some((status, written)) => {
                     // The status is the last writable byte (there is one).
-                    let mut writer = chain.writer();
-                    let at = writer.remaining() - 1;
-                    let _ = writer
-                        .skip(at)
-                        .and_then(|()| writer.write_u8(frames, status));
+                    let _ = chain.write_last_u8(frames, status);
                     u32::try_from(written + 1).unwrap_or(u32::MAX)
                 }
                 None => 0,

@@ -9,10 +9,10 @@
 //! builds chains from validated descriptors and keeps their buffers pinned
 //! until they are returned.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use memory::{GuestFrames, PinSet};
-use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vm_memory::{ByteValued, GuestAddress, VolatileMemory, VolatileSlice};
 
 /// A buffer the device may only read.
 #[derive(Debug)]
@@ -50,49 +50,109 @@ buffer_accessors!(ReadableBuffer);
 buffer_accessors!(WritableBuffer);
 
 /// A validated chain: device-readable buffers, then device-writable ones.
+/// One pointer: it moves from the queue through the device and back in a
+/// register (a wider value returned through memory is read back before the
+/// stores that wrote it can be forwarded), and the queue reuses the box with
+/// its lists' allocations.
 #[derive(Debug)]
 pub struct DescriptorChain {
+    pub(super) lists: Box<ChainLists>,
+}
+
+/// A chain's head, generation, buffers and pins.
+#[derive(Debug)]
+pub(super) struct ChainLists {
     pub(super) head: u16,
     pub(super) generation: u32,
     pub(super) readable: Vec<ReadableBuffer>,
     pub(super) writable: Vec<WritableBuffer>,
+    /// Total bytes of `readable` and of `writable` (summed as they are
+    /// collected: at most 2^16 buffers of 2^32 bytes each).
+    pub(super) readable_len: u64,
+    pub(super) writable_len: u64,
     /// Pins on every buffer (and indirect table) until the chain is returned
     /// or dropped.
     pub(super) pins: PinSet,
 }
 
+impl ChainLists {
+    /// Empty lists pinning frames of `frames`.
+    pub(super) fn new(frames: &GuestFrames) -> Self {
+        ChainLists {
+            head: 0,
+            generation: 0,
+            readable: Vec::new(),
+            writable: Vec::new(),
+            readable_len: 0,
+            writable_len: 0,
+            pins: frames.pin_set(),
+        }
+    }
+
+    /// Empties the lists, keeping their allocations, and unpins everything
+    /// but the last buffer's section, which stays pinned for the next chain
+    /// until the queue ends the batch (see `PinSet::park`).
+    pub(super) fn clear(&mut self) {
+        self.pins.park();
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+}
+
 impl DescriptorChain {
     /// Index of the head descriptor.
     pub fn head(&self) -> u16 {
-        self.head
+        self.lists.head
     }
     /// The generation of the queue it was popped from.
     pub fn generation(&self) -> u32 {
-        self.generation
+        self.lists.generation
     }
     /// The device-readable buffers, in chain order.
     pub fn readable(&self) -> &[ReadableBuffer] {
-        &self.readable
+        &self.lists.readable
     }
     /// The device-writable buffers, in chain order.
     pub fn writable(&self) -> &[WritableBuffer] {
-        &self.writable
+        &self.lists.writable
     }
     /// Total device-readable bytes.
     pub fn readable_len(&self) -> u64 {
-        self.readable.iter().map(|b| u64::from(b.len)).sum()
+        self.lists.readable_len
     }
     /// Total device-writable bytes.
     pub fn writable_len(&self) -> u64 {
-        self.writable.iter().map(|b| u64::from(b.len)).sum()
+        self.lists.writable_len
     }
     /// A cursor over the readable bytes.
     pub fn reader(&self) -> Reader<'_> {
-        Reader(Cursor::new(&self.readable))
+        Reader(Cursor::new(&self.lists.readable, self.lists.readable_len))
     }
     /// A cursor over the writable bytes.
     pub fn writer(&self) -> Writer<'_> {
-        Writer(Cursor::new(&self.writable))
+        Writer(Cursor::new(&self.lists.writable, self.lists.writable_len))
+    }
+
+    /// Writes `value` to the last device-writable byte (where virtio-blk and
+    /// others put a status byte) and marks its frame dirty; fails if the
+    /// chain has no writable byte.
+    pub fn write_last_u8(&self, frames: &GuestFrames, value: u8) -> Result<(), ShortChain> {
+        let last = self.lists.writable.iter().rev().find(|b| b.len > 0);
+        let Some(buf) = last else {
+            return Err(ShortChain { wanted: 1, left: 0 });
+        };
+        let addr = GuestAddress(buf.addr.0 + u64::from(buf.len - 1));
+        // Validated and pinned RAM: the slice exists, marking succeeds.
+        if let Some(s) = frames.slice(addr, 1) {
+            // A std atomic: inlined, where vm-memory's `store` is a call.
+            if let Ok(byte) = s.get_atomic_ref::<AtomicU8>(0) {
+                byte.store(value, Ordering::Relaxed);
+            }
+        }
+        let _ = frames.mark_dirty(addr, 1);
+        Ok(())
     }
 }
 
@@ -133,8 +193,8 @@ struct Cursor<'a, B> {
 }
 
 impl<'a, B: Piece> Cursor<'a, B> {
-    fn new(bufs: &'a [B]) -> Self {
-        let left = bufs.iter().map(|b| u64::from(b.piece().1)).sum();
+    /// A cursor at the start of `bufs`, which hold `left` bytes in all.
+    fn new(bufs: &'a [B], left: u64) -> Self {
         Cursor {
             bufs,
             index: 0,
@@ -181,7 +241,7 @@ impl Reader<'_> {
         self.0.take(buf.len() as u64, |addr, n| {
             // Validated and pinned RAM: the slice exists.
             if let Some(s) = frames.slice(addr, n) {
-                s.copy_to(&mut buf[done..done + n]);
+                copy_to(&s, &mut buf[done..done + n]);
             }
             done += n;
         })
@@ -195,6 +255,29 @@ impl Reader<'_> {
         let mut value = T::default();
         self.read_exact(frames, value.as_mut_slice())?;
         Ok(value)
+    }
+}
+
+/// Copies `s` into `out` (of its length). Small aligned pieces — a request
+/// header — are read as whole words, which costs a load each where the
+/// general copy costs a call and a loop.
+#[inline]
+fn copy_to(s: &VolatileSlice<'_>, out: &mut [u8]) {
+    if out.len() <= 32
+        && out.len().is_multiple_of(8)
+        && (s.ptr_guard().as_ptr() as usize).is_multiple_of(8)
+    {
+        for (i, word) in out.chunks_exact_mut(8).enumerate() {
+            match s.get_ref::<u64>(8 * i) {
+                Ok(r) => word.copy_from_slice(&r.load().to_ne_bytes()),
+                Err(_) => {
+                    s.copy_to(out);
+                    return;
+                }
+            }
+        }
+    } else {
+        s.copy_to(out);
     }
 }
 
@@ -213,18 +296,6 @@ impl Writer<'_> {
             }
             let _ = frames.mark_dirty(addr, n as u64);
             done += n;
-        })
-    }
-
-    /// Writes one byte (a status byte) and marks its frame dirty.
-    #[inline]
-    pub fn write_u8(&mut self, frames: &GuestFrames, value: u8) -> Result<(), ShortChain> {
-        self.0.take(1, |addr, _| {
-            // Validated and pinned RAM: the slice exists, marking succeeds.
-            if let Some(s) = frames.slice(addr, 1) {
-                let _ = s.store(value, 0, Ordering::Relaxed);
-            }
-            let _ = frames.mark_dirty(addr, 1);
         })
     }
 

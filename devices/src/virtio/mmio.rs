@@ -203,7 +203,10 @@ impl MmioTransport {
         };
         self.metrics.notifies += 1;
         let mut more = false;
-        let result = match self.device.process_queue(index, queue, &self.frames) {
+        let processed = self.device.process_queue(index, queue, &self.frames);
+        // The batch is over: nothing stays pinned for chains not yet popped.
+        queue.release_parked();
+        let result = match processed {
             Ok(done) => {
                 more = done.more;
                 self.metrics.batches_cut += u64::from(done.more);

@@ -25,6 +25,8 @@ struct FakeDevice {
     processed: Arc<AtomicU64>,
     resets: Arc<AtomicU64>,
     fail: Arc<Mutex<bool>>,
+    /// Serve one chain per batch (and report more).
+    one_per_batch: Arc<Mutex<bool>>,
 }
 
 impl VirtioDevice for FakeDevice {
@@ -63,6 +65,10 @@ impl VirtioDevice for FakeDevice {
         while let Some(chain) = queue.pop(frames)? {
             queue.add_used(frames, chain, 1)?;
             done.used = true;
+            if *self.one_per_batch.lock().unwrap() {
+                done.more = queue.has_available(frames)?;
+                break;
+            }
         }
         Ok(done)
     }
@@ -86,6 +92,7 @@ struct Rig {
     irq: Arc<CountingInterrupt>,
     processed: Arc<AtomicU64>,
     fail: Arc<Mutex<bool>>,
+    one_per_batch: Arc<Mutex<bool>>,
 }
 
 impl Rig {
@@ -93,6 +100,7 @@ impl Rig {
         let frames = Arc::new(GuestFrames::new(16 << 20, Backing::Anonymous).unwrap());
         let device = FakeDevice::default();
         let (processed, fail) = (device.processed.clone(), device.fail.clone());
+        let one_per_batch = device.one_per_batch.clone();
         let irq = Arc::new(CountingInterrupt::default());
         let transport = MmioTransport::new(Box::new(device), frames.clone(), irq.clone());
         Rig {
@@ -101,6 +109,7 @@ impl Rig {
             irq,
             processed,
             fail,
+            one_per_batch,
         }
     }
 
@@ -204,6 +213,31 @@ fn mmio_identifies_itself_and_serves_a_request() {
     assert_eq!(rig.r(VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
     rig.assert_serves();
     assert_eq!(rig.transport.metrics().bad_access, 0);
+}
+
+#[test]
+fn mmio_batch_cut_short_leaves_only_the_rings_pinned() {
+    let mut rig = Rig::new();
+    let frames = rig.frames.clone();
+    let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+    rig.negotiate();
+    rig.setup_queue(&driver);
+    rig.driver_ok();
+    let rings = frames.table().pins();
+    *rig.one_per_batch.lock().unwrap() = true;
+    driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 1, true)]);
+    driver.add_chain(&[(DATA + 0x2000, 16, false), (DATA + 0x3000, 1, true)]);
+    rig.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(driver.used_idx(), 1);
+    // The device's spare lists kept their section pinned for the next
+    // chain; the transport dropped it when the batch ended.
+    assert_eq!(frames.table().pins(), rings);
+    assert!(
+        !rig.transport.process_queue(0),
+        "the second chain, the last"
+    );
+    assert_eq!(driver.used_idx(), 2);
+    assert_eq!(frames.table().pins(), rings);
 }
 
 #[test]

@@ -24,8 +24,13 @@
 //! by device-writable ones. Every buffer is checked to be guest RAM and the
 //! chain's total length against the device's limit ([`Queue::set_chain_limit`])
 //! *before* anything is pinned; then each buffer is pinned (one reusable
-//! `memory::PinSet` per chain, one atomic per buffer whatever its length) until
-//! the chain is handed back through [`Queue::add_used`]. The two kinds are
+//! `memory::PinSet` per chain: at most one atomic per buffer whatever its
+//! length, none for a buffer in the 1 GiB section of the one before) until
+//! the chain is handed back through [`Queue::add_used`]. A returned chain's
+//! set keeps its last section pinned for the next chain of the batch
+//! (`PinSet::park`); [`Queue::release_parked`] drops those when the driver
+//! has offered nothing more and when the transport ends a batch, so between
+//! batches only the rings and chains still in flight are pinned. The two kinds are
 //! different types: only [`WritableBuffer`]s can be written, through a
 //! [`Writer`], which also marks the frames it writes dirty.
 //!
@@ -41,10 +46,11 @@
 //! driver's event index.
 
 use std::num::Wrapping;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering, fence};
 
-use memory::{GuestFrames, PinGuard, PinSet};
+use memory::{GuestFrames, PinGuard};
 
+use super::chain::ChainLists;
 pub use super::chain::{
     DescriptorChain, ReadableBuffer, Reader, ShortChain, WritableBuffer, Writer,
 };
@@ -52,7 +58,9 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, VolatileMemory, VolatileSlice};
+use vm_memory::{
+    AtomicInteger, Bytes, GuestAddress, GuestMemoryError, VolatileMemory, VolatileSlice,
+};
 
 /// Largest queue size minivmm offers (QueueNumMax).
 pub const MAX_QUEUE_SIZE: u16 = 256;
@@ -214,6 +222,13 @@ fn ring_err(e: vm_memory::VolatileMemoryError) -> QueueError {
     QueueError::Memory(e.into())
 }
 
+/// The aligned ring word at `at` as a std atomic: its loads and stores are
+/// inlined, where vm-memory's `load`/`store` cost a call each.
+#[inline]
+fn word<'a, T: AtomicInteger>(ring: &'a VolatileSlice<'_>, at: usize) -> Result<&'a T, QueueError> {
+    ring.get_atomic_ref::<T>(at).map_err(ring_err)
+}
+
 /// Heads handed to the device and not yet returned.
 #[derive(Clone, Debug, Default)]
 struct InFlight([u64; IN_FLIGHT_WORDS], u16);
@@ -258,7 +273,9 @@ pub struct Queue {
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
     /// Buffer lists of completed chains, reused so a request allocates nothing.
-    spare: Vec<(Vec<ReadableBuffer>, Vec<WritableBuffer>, PinSet)>,
+    /// Boxed: a chain is the box itself, moved out and back without a copy.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<ChainLists>>,
     active: bool,
     /// Advanced by every reset; chains carry the value they were popped at.
     generation: u32,
@@ -442,21 +459,24 @@ impl Queue {
             return Err(QueueError::NotReady);
         }
         let ring = self.avail(frames)?;
-        let avail_idx = || ring.load::<u16>(2, Ordering::Acquire).map(Wrapping);
-        let mut avail = avail_idx().map_err(ring_err)?;
+        let avail_idx = || {
+            Ok::<_, QueueError>(Wrapping(
+                word::<AtomicU16>(&ring, 2)?.load(Ordering::Acquire),
+            ))
+        };
+        let mut avail = avail_idx()?;
         if avail == self.next_avail && self.event_idx {
             // Out of work: ask to be notified at the next entry, then look again
             // (the driver may have added one before seeing avail_event).
             let at = 4 + 8 * usize::from(self.size);
-            self.used(frames)?
-                .store(self.next_avail.0, at, Ordering::Relaxed)
-                .map_err(ring_err)?;
+            word::<AtomicU16>(&self.used(frames)?, at)?.store(self.next_avail.0, Ordering::Relaxed);
             let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + at as u64), 2);
             fence(Ordering::SeqCst);
-            avail = avail_idx().map_err(ring_err)?;
+            avail = avail_idx()?;
         }
         let pending = (avail - self.next_avail).0;
         if pending == 0 {
+            self.release_parked();
             return Ok(None);
         }
         if pending > self.size {
@@ -466,7 +486,8 @@ impl Queue {
             });
         }
         let slot = usize::from(self.next_avail.0 % self.size);
-        let head: u16 = ring.read_obj(4 + 2 * slot).map_err(ring_err)?;
+        // The ring is 2-aligned (checked at activation): one load.
+        let head = u16::from_le(word::<AtomicU16>(&ring, 4 + 2 * slot)?.load(Ordering::Relaxed));
         if head >= self.size {
             return Err(QueueError::HeadIndex(head));
         }
@@ -492,10 +513,10 @@ impl Queue {
         chain: DescriptorChain,
         len: u32,
     ) -> Result<(), QueueError> {
-        let head = chain.head;
+        let head = chain.head();
         // A chain from before a reset is not ours to return any more, even if
         // a chain with its head number is in flight again.
-        if chain.generation != self.generation {
+        if chain.generation() != self.generation {
             self.recycle(chain);
             return Err(QueueError::StaleChain { head });
         }
@@ -514,17 +535,19 @@ impl Queue {
     /// Unpins a chain's buffers and keeps its emptied lists and pin set for
     /// the next chains.
     fn recycle(&mut self, chain: DescriptorChain) {
-        let DescriptorChain {
-            mut readable,
-            mut writable,
-            mut pins,
-            ..
-        } = chain;
-        pins.clear();
-        readable.clear();
-        writable.clear();
+        let mut lists = chain.lists;
+        lists.clear();
         if self.spare.len() < SPARE_LISTS {
-            self.spare.push((readable, writable, pins));
+            self.spare.push(lists);
+        }
+    }
+
+    /// Drops the pins the spare lists keep between chains of a batch: called
+    /// when the driver has offered nothing more, and by the transport after
+    /// every batch, so no frame stays pinned while no request is in progress.
+    pub fn release_parked(&mut self) {
+        for lists in &mut self.spare {
+            lists.pins.clear();
         }
     }
 
@@ -538,14 +561,13 @@ impl Queue {
         fence(Ordering::SeqCst);
         let new = self.next_used;
         if !self.event_idx {
-            let flags: u16 = ring.load(0, Ordering::Acquire).map_err(ring_err)?;
+            let flags = word::<AtomicU16>(&ring, 0)?.load(Ordering::Acquire);
             let changed = self.signalled_used != Some(new);
             self.signalled_used = Some(new);
             return Ok(changed && u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0);
         }
         let used_event = Wrapping(
-            ring.load::<u16>(4 + 2 * usize::from(self.size), Ordering::Acquire)
-                .map_err(ring_err)?,
+            word::<AtomicU16>(&ring, 4 + 2 * usize::from(self.size))?.load(Ordering::Acquire),
         );
         let old = match self.signalled_used.replace(new) {
             Some(old) => old,
@@ -568,10 +590,7 @@ impl Queue {
     }
 
     fn avail_idx(&self, frames: &GuestFrames) -> Result<Wrapping<u16>, QueueError> {
-        let idx: u16 = self
-            .avail(frames)?
-            .load(2, Ordering::Acquire)
-            .map_err(ring_err)?;
+        let idx = word::<AtomicU16>(&self.avail(frames)?, 2)?.load(Ordering::Acquire);
         Ok(Wrapping(idx))
     }
 
@@ -579,14 +598,11 @@ impl Queue {
         let ring = self.used(frames)?;
         let elem = 4 + 8 * usize::from(self.next_used.0 % self.size);
         // The used ring is 4-aligned (checked at activation): two stores.
-        ring.store(u32::from(head).to_le(), elem, Ordering::Relaxed)
-            .map_err(ring_err)?;
-        ring.store(len.to_le(), elem + 4, Ordering::Relaxed)
-            .map_err(ring_err)?;
+        word::<AtomicU32>(&ring, elem)?.store(u32::from(head).to_le(), Ordering::Relaxed);
+        word::<AtomicU32>(&ring, elem + 4)?.store(len.to_le(), Ordering::Relaxed);
         self.next_used += Wrapping(1);
         // The element before the index that publishes it (§2.7.13).
-        ring.store(self.next_used.0, 2, Ordering::Release)
-            .map_err(ring_err)?;
+        word::<AtomicU16>(&ring, 2)?.store(self.next_used.0, Ordering::Release);
         // The index and the element, in one call (the frames between them
         // are the ring's own).
         let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + 2), elem as u64 + 6);
@@ -620,19 +636,18 @@ impl Queue {
     }
 
     /// Walks the chain at `head` within the descriptor budgets, checks its
-    /// total length, then pins its buffers.
+    /// total length, then pins its buffers. Inlined into `pop`, its one
+    /// caller: returned through memory, the chain was read back before the
+    /// stores that wrote it could be forwarded.
+    #[inline(always)]
     fn walk(&mut self, frames: &GuestFrames, head: u16) -> Result<DescriptorChain, ChainError> {
-        let (readable, writable, pins) = match self.spare.pop() {
-            Some(spare) if spare.2.belongs_to(frames) => spare,
-            _ => (Vec::new(), Vec::new(), frames.pin_set()),
+        let mut lists = match self.spare.pop() {
+            Some(spare) if spare.pins.belongs_to(frames) => spare,
+            _ => Box::new(ChainLists::new(frames)),
         };
-        let mut chain = DescriptorChain {
-            head,
-            generation: self.generation,
-            readable,
-            writable,
-            pins,
-        };
+        lists.head = head;
+        lists.generation = self.generation;
+        let mut chain = DescriptorChain { lists };
         match self.fill(frames, &mut chain) {
             Ok(()) => Ok(chain),
             Err(e) => {
@@ -647,7 +662,7 @@ impl Queue {
     /// Collects the chain's buffers, checks its length against the device's
     /// limit, then pins its buffers (which also checks they are RAM).
     fn fill(&self, frames: &GuestFrames, chain: &mut DescriptorChain) -> Result<(), ChainError> {
-        let indirect_table = self.collect(frames, chain.head, chain)?;
+        let indirect_table = self.collect(frames, chain.head(), &mut chain.lists)?;
         let total = chain.readable_len() + chain.writable_len();
         if total > self.chain_limit {
             return Err(ChainError::TooLarge {
@@ -655,20 +670,27 @@ impl Queue {
                 limit: self.chain_limit,
             });
         }
-        let DescriptorChain {
+        let ChainLists {
             readable,
             writable,
             pins,
             ..
-        } = chain;
-        let pieces = indirect_table
-            .iter()
-            .copied()
-            .chain(readable.iter().map(|b| (b.addr, b.len)))
-            .chain(writable.iter().map(|b| (b.addr, b.len)));
-        for (addr, len) in pieces.filter(|&(_, len)| len > 0) {
+        } = &mut *chain.lists;
+        let mut pin = |addr: GuestAddress, len: u32| {
+            if len == 0 {
+                return Ok(());
+            }
             pins.pin(addr, u64::from(len))
-                .map_err(|_| ChainError::Buffer { addr: addr.0, len })?;
+                .map_err(|_| ChainError::Buffer { addr: addr.0, len })
+        };
+        if let Some((addr, len)) = indirect_table {
+            pin(addr, len)?;
+        }
+        for b in readable.iter() {
+            pin(b.addr, b.len)?;
+        }
+        for b in writable.iter() {
+            pin(b.addr, b.len)?;
         }
         Ok(())
     }
@@ -680,7 +702,7 @@ impl Queue {
         &self,
         frames: &GuestFrames,
         head: u16,
-        chain: &mut DescriptorChain,
+        chain: &mut ChainLists,
     ) -> Result<Option<(GuestAddress, u32)>, ChainError> {
         let slice = |addr: GuestAddress, entries: u16| {
             frames
@@ -734,11 +756,13 @@ impl Queue {
             let (addr, len) = (GuestAddress(desc.addr), desc.len);
             if desc.has(VRING_DESC_F_WRITE) {
                 chain.writable.push(WritableBuffer { addr, len });
+                chain.writable_len += u64::from(len);
             } else {
                 if !chain.writable.is_empty() {
                     return Err(ChainError::ReadableAfterWritable);
                 }
                 chain.readable.push(ReadableBuffer { addr, len });
+                chain.readable_len += u64::from(len);
             }
             if !desc.has(VRING_DESC_F_NEXT) {
                 return Ok(indirect_table);

@@ -99,10 +99,16 @@ fn queue_pins_buffers_while_in_flight_and_marks_written_frames_dirty() {
     let rings = frames.table().pins();
     assert_eq!(rings, 3, "the three rings of the active queue");
     let chain = serve_one(&mut queue, &frames);
-    assert_eq!(frames.table().pins(), rings + 2, "one pin per buffer");
+    assert_eq!(
+        frames.table().pins(),
+        rings + 1,
+        "one count for the buffers' section"
+    );
     chain.writer().write_all(&frames, &[1; 100]).unwrap();
     queue.add_used(&frames, chain, 100).unwrap();
-    assert_eq!(frames.table().pins(), rings);
+    assert_eq!(frames.table().pins(), rings + 1, "parked for the batch");
+    assert!(queue.pop(&frames).unwrap().is_none());
+    assert_eq!(frames.table().pins(), rings, "released when work runs out");
     let dirty = frames.take_dirty();
     assert!(
         dirty.contains(&(GuestAddress(DATA + 0x3000), 4096)),
@@ -286,6 +292,7 @@ fn queue_chain_from_before_a_reset_cannot_complete_a_new_request() {
     assert_eq!(queue.in_flight(), 1, "the new request is still in flight");
     queue.add_used(&frames, new, 8).unwrap();
     assert_eq!(driver.used_elem(0), (0, 8));
+    queue.release_parked();
     assert_eq!(frames.table().pins(), 3, "only the rings stay pinned");
 }
 

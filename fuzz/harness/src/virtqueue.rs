@@ -151,7 +151,9 @@ pub fn run(data: &[u8]) {
         );
     }
     if held.is_empty() {
-        // Only the three rings may still be pinned.
+        // Only the three rings may still be pinned once the batch is over
+        // (the transport drops what the spare lists kept for the next chain).
+        queue.release_parked();
         assert_eq!(
             pins(&frames),
             if queue.is_active() { 3 } else { 0 },
