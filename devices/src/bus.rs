@@ -1,12 +1,13 @@
-//! The MMIO bus: guest-physical address ranges mapped to devices. A vCPU's MMIO
-//! exit is delivered to the device whose range holds the whole access, with
-//! the offset into that range; anything else is not delivered (the VMM logs it
-//! once and reads all ones).
+//! A bus of devices: address ranges — guest-physical addresses for MMIO, port
+//! numbers for port I/O — mapped to devices. A vCPU's exit is delivered to
+//! the device whose range holds the whole access, with the offset into that
+//! range; anything else is not delivered (the VMM logs it once and reads all
+//! ones).
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-/// A device reached through MMIO.
+/// A device reached through MMIO or port I/O.
 pub trait BusDevice: Send {
     /// Reads `data.len()` bytes at `offset` into the device's range.
     fn read(&mut self, offset: u64, data: &mut [u8]);
@@ -38,21 +39,21 @@ struct Entry {
 
 /// Devices by address range, sorted by base.
 #[derive(Default)]
-pub struct MmioBus {
+pub struct Bus {
     entries: Vec<Entry>,
 }
 
-impl fmt::Debug for MmioBus {
+impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ranges: Vec<_> = self.entries.iter().map(|e| (e.base, e.len)).collect();
-        f.debug_struct("MmioBus").field("ranges", &ranges).finish()
+        f.debug_struct("Bus").field("ranges", &ranges).finish()
     }
 }
 
-impl MmioBus {
+impl Bus {
     /// An empty bus.
     pub fn new() -> Self {
-        MmioBus::default()
+        Bus::default()
     }
 
     /// Maps `device` at `[base, base + len)`.
@@ -128,7 +129,7 @@ mod tests {
 
     #[test]
     fn bus_delivers_accesses_with_offsets() {
-        let mut bus = MmioBus::new();
+        let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         let b = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x2000, 0x1000, b.clone()).unwrap();
@@ -143,7 +144,7 @@ mod tests {
 
     #[test]
     fn bus_ignores_accesses_outside_or_across_devices() {
-        let mut bus = MmioBus::new();
+        let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x1000, 0x1000, a.clone()).unwrap();
         let mut data = [0u8; 8];
@@ -156,7 +157,7 @@ mod tests {
 
     #[test]
     fn bus_rejects_overlapping_empty_or_wrapping_ranges() {
-        let mut bus = MmioBus::new();
+        let mut bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default())) as Arc<Mutex<dyn BusDevice>>;
         bus.insert(0x1000, 0x1000, dev()).unwrap();
         assert_eq!(
@@ -180,7 +181,7 @@ mod tests {
 
     #[test]
     fn bus_survives_a_poisoned_device_lock() {
-        let mut bus = MmioBus::new();
+        let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0, 0x10, a.clone()).unwrap();
         let poison = a.clone();

@@ -26,14 +26,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::terminal::Terminal;
 
-use crate::pio::IrqTrigger;
+use crate::irq::IrqFd;
+use crate::pio::SerialDevice;
 
 /// The console UART.
-pub type ConsoleSerial = Serial<IrqTrigger, ConsoleEvents, ConsoleOut>;
+pub type ConsoleSerial = Serial<IrqFd, ConsoleEvents, ConsoleOut>;
 
 /// A console UART on `out`, raising `irq`; and the event its receive FIFO
 /// signals when the guest has emptied it.
-pub fn serial(irq: IrqTrigger, out: Box<dyn Write + Send>) -> io::Result<(ConsoleSerial, EventFd)> {
+pub fn serial(irq: IrqFd, out: Box<dyn Write + Send>) -> io::Result<(ConsoleSerial, EventFd)> {
     let room = EventFd::new(EFD_NONBLOCK)?;
     let events = ConsoleEvents {
         room: room.try_clone()?,
@@ -128,7 +129,7 @@ const ROOM: u32 = 1;
 /// Feeds the console's input to the guest's UART, with flow control.
 #[derive(Debug)]
 pub struct ConsoleInput {
-    serial: Arc<Mutex<ConsoleSerial>>,
+    serial: Arc<Mutex<SerialDevice>>,
     input: File,
     room: EventFd,
     /// Input is not watched: the FIFO is full.
@@ -140,7 +141,7 @@ pub struct ConsoleInput {
 impl ConsoleInput {
     /// Reads `input` (a duplicate of stdin, or a pipe in tests) into the UART;
     /// `room` is the event [`serial`] returned with it.
-    pub fn new(serial: Arc<Mutex<ConsoleSerial>>, input: File, room: EventFd) -> Self {
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, input: File, room: EventFd) -> Self {
         ConsoleInput {
             serial,
             input,
@@ -171,11 +172,12 @@ impl ConsoleInput {
     }
 
     fn on_input(&mut self, ops: &mut EventOps) {
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let mut device = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let serial = device.uart();
         let room = serial.fifo_capacity();
         if room == 0 {
             // Wait for the guest to empty the FIFO (ROOM) before reading more.
-            drop(serial);
+            drop(device);
             self.unwatch(ops);
             self.paused = true;
             return;
@@ -194,7 +196,7 @@ impl ConsoleInput {
                 ) => {}
             _ => {
                 // EOF, hang-up or error: stop watching.
-                drop(serial);
+                drop(device);
                 self.unwatch(ops);
                 self.closed = true;
             }
@@ -276,8 +278,8 @@ mod tests {
         }
     }
 
-    fn irq() -> IrqTrigger {
-        IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap())
+    fn irq() -> IrqFd {
+        IrqFd::unregistered().unwrap()
     }
 
     #[test]
@@ -298,7 +300,7 @@ mod tests {
     #[test]
     fn console_input_waits_for_room_and_loses_nothing() {
         let (serial, room) = serial(irq(), Box::new(io::sink())).unwrap();
-        let serial = Arc::new(Mutex::new(serial));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
         let (reader, mut writer) = io::pipe().unwrap();
         let input = File::from(std::os::fd::OwnedFd::from(reader));
         let sent: Vec<u8> = (0..200u32).map(|i| (i * 7) as u8).collect();
@@ -310,7 +312,8 @@ mod tests {
         let mut received = Vec::new();
         for _ in 0..100 {
             manager.run_with_timeout(10).unwrap();
-            let mut s = serial.lock().unwrap();
+            let mut d = serial.lock().unwrap();
+            let s = d.uart();
             // Input is taken only up to the FIFO's room: 64 bytes.
             assert!(s.fifo_capacity() <= 64);
             if s.fifo_capacity() == 0 {
@@ -334,7 +337,7 @@ mod tests {
     #[test]
     fn console_input_pauses_while_the_fifo_is_full() {
         let (serial, room) = serial(irq(), Box::new(io::sink())).unwrap();
-        let serial = Arc::new(Mutex::new(serial));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
         let (reader, mut writer) = io::pipe().unwrap();
         writer.write_all(&[b'x'; 100]).unwrap();
         let input = File::from(std::os::fd::OwnedFd::from(reader));
@@ -345,7 +348,7 @@ mod tests {
         for _ in 0..5 {
             manager.run_with_timeout(10).unwrap();
         }
-        assert_eq!(serial.lock().unwrap().fifo_capacity(), 0);
+        assert_eq!(serial.lock().unwrap().uart().fifo_capacity(), 0);
         assert!(
             console.lock().unwrap().paused,
             "not watching input it cannot take"

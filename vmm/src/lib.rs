@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cli;
 pub mod console;
 pub mod exit;
+pub mod irq;
 pub mod logger;
 pub mod pio;
 pub mod run;

@@ -1,13 +1,13 @@
-//! The port I/O bus: COM1 (vm-superio's 16550), the i8042 reset line, and a
-//! debug-exit port. Unknown ports read as all ones and ignore writes; each is
-//! logged once so a guest cannot flood the log.
+//! The legacy port I/O devices on the PIO bus (a `devices::bus::Bus` of
+//! ports, like the MMIO one): COM1 (vm-superio's 16550), the i8042
+//! (vm-superio's: the CPU reset command) and a debug-exit port. Ports no
+//! device holds read as all ones and ignore writes; the vCPU's exit handler
+//! logs each once.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::Trigger;
-use vmm_sys_util::eventfd::EventFd;
+use devices::bus::{Bus, BusDevice, BusError};
+use vm_superio::{I8042Device, Trigger};
 
 use crate::console::ConsoleSerial;
 use crate::exit::{ExitLatch, VmExit};
@@ -16,102 +16,128 @@ use crate::exit::{ExitLatch, VmExit};
 pub const COM1: u16 = 0x3f8;
 /// The legacy IRQ COM1 raises.
 pub const COM1_IRQ: u32 = 4;
-/// i8042 data and command/status ports.
-const I8042_DATA: u16 = 0x60;
-const I8042_COMMAND: u16 = 0x64;
-/// i8042 command: pulse the CPU reset line.
-const I8042_RESET: u8 = 0xfe;
+/// The i8042's ports: data at 0x60, command/status at 0x64.
+pub const I8042: u16 = 0x60;
 /// Debug-exit port (as QEMU's `isa-debug-exit,iobase=0xf4`).
 pub const DEBUG_EXIT: u16 = 0xf4;
 
-/// Raises the serial IRQ through an irqfd.
+/// COM1 on the bus: byte-wide accesses reach the UART, others read all ones.
 #[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+pub struct SerialDevice {
+    uart: ConsoleSerial,
+    failed: bool,
+}
 
-impl Trigger for IrqTrigger {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+impl SerialDevice {
+    /// The bus side of `uart`.
+    pub fn new(uart: ConsoleSerial) -> Self {
+        SerialDevice {
+            uart,
+            failed: false,
+        }
+    }
+
+    /// The UART (the console's input side enqueues bytes on it).
+    pub fn uart(&mut self) -> &mut ConsoleSerial {
+        &mut self.uart
     }
 }
 
-/// Devices reached through `in`/`out`.
-pub struct PioBus {
-    serial: Arc<Mutex<ConsoleSerial>>,
-    exit: Arc<ExitLatch>,
-    logged: Mutex<HashSet<u16>>,
-    serial_failed: AtomicBool,
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match data {
+            [byte] => *byte = self.uart.read(offset as u8),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // Output errors are the console's (logged once there); this is the
+        // interrupt eventfd failing.
+        if let [value] = data
+            && let Err(e) = self.uart.write(offset as u8, *value)
+            && !std::mem::replace(&mut self.failed, true)
+        {
+            log::warn!("serial: {e:?} (logged once)");
+        }
+    }
 }
 
-impl std::fmt::Debug for PioBus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PioBus").finish_non_exhaustive()
+/// What the i8042's CPU reset line does: stop the VM with `VmExit::Reset`.
+#[derive(Debug)]
+pub struct ResetLine(Arc<ExitLatch>);
+
+impl Trigger for ResetLine {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.stop(VmExit::Reset);
+        Ok(())
     }
 }
 
-impl PioBus {
-    /// A bus with `serial` on COM1, stopping the VM through `exit`.
-    pub fn new(serial: Arc<Mutex<ConsoleSerial>>, exit: Arc<ExitLatch>) -> Self {
-        PioBus {
-            serial,
-            exit,
-            logged: Mutex::new(HashSet::new()),
-            serial_failed: AtomicBool::new(false),
+/// vm-superio's i8042 on ports 0x60..=0x64: status and data read 0, command
+/// 0xfe pulses the reset line; other accesses are ignored.
+#[derive(Debug)]
+pub struct I8042Port(I8042Device<ResetLine>);
+
+impl BusDevice for I8042Port {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match data {
+            [byte] => *byte = self.0.read(offset as u8),
+            _ => data.fill(0xff),
         }
     }
 
-    /// Handles an `in` from `port`, filling `data`.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match port {
-            COM1..=0x3ff if data.len() == 1 => {
-                data[0] = self.serial().read((port - COM1) as u8);
-            }
-            // i8042 status: output buffer empty, input buffer empty.
-            I8042_COMMAND if data.len() == 1 => data[0] = 0,
-            I8042_DATA if data.len() == 1 => data[0] = 0,
-            _ => {
-                self.log_unknown(port, "read");
-                data.fill(0xff);
-            }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [value] = data {
+            let Ok(()) = self.0.write(offset as u8, *value);
         }
     }
+}
 
-    /// Handles an `out` of `data` to `port`.
-    pub fn write(&self, port: u16, data: &[u8]) {
-        match (port, data) {
-            (COM1..=0x3ff, [value]) => {
-                // Output errors are the console's (logged once there); this
-                // is the interrupt eventfd failing.
-                if let Err(e) = self.serial().write((port - COM1) as u8, *value)
-                    && !self.serial_failed.swap(true, Ordering::Relaxed)
-                {
-                    log::warn!("serial: {e:?} (logged once)");
-                }
-            }
-            (I8042_COMMAND, [I8042_RESET]) => self.exit.stop(VmExit::Reset),
-            (I8042_COMMAND | I8042_DATA, [_]) => {}
-            (DEBUG_EXIT, [value, ..]) => self.exit.stop(VmExit::DebugExit(*value)),
-            _ => self.log_unknown(port, "write"),
+/// The debug-exit port: a write of any width stops the VM with
+/// `VmExit::DebugExit` of its first byte; reads return all ones.
+#[derive(Debug)]
+pub struct DebugExitPort(Arc<ExitLatch>);
+
+impl BusDevice for DebugExitPort {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (0, [value, ..]) = (offset, data) {
+            self.0.stop(VmExit::DebugExit(*value));
         }
     }
+}
 
-    fn serial(&self) -> std::sync::MutexGuard<'_, ConsoleSerial> {
-        self.serial.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn log_unknown(&self, port: u16, what: &str) {
-        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-        if logged.len() < 64 && logged.insert(port) {
-            log::info!("ignoring PIO {what} at port {port:#x} (logged once)");
-        }
-    }
+/// The PIO bus: `serial` on COM1, the i8042 and the debug-exit port
+/// stopping the VM through `exit`.
+pub fn legacy_bus(
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: &Arc<ExitLatch>,
+) -> Result<Bus, BusError> {
+    let mut bus = Bus::new();
+    bus.insert(u64::from(COM1), 8, serial)?;
+    let i8042 = I8042Device::new(ResetLine(exit.clone()));
+    bus.insert(u64::from(I8042), 5, Arc::new(Mutex::new(I8042Port(i8042))))?;
+    // Four ports wide so that `outl` reaches it as well as `outb`.
+    bus.insert(
+        u64::from(DEBUG_EXIT),
+        4,
+        Arc::new(Mutex::new(DebugExitPort(exit.clone()))),
+    )?;
+    Ok(bus)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::irq::IrqFd;
     use std::io::Write;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    const I8042_COMMAND: u64 = I8042 as u64 + 4;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -125,23 +151,20 @@ mod tests {
         }
     }
 
-    fn new_bus() -> (PioBus, Sink, Arc<ExitLatch>) {
+    fn new_bus() -> (Bus, Sink, Arc<ExitLatch>) {
         let sink = Sink::default();
-        let trigger = IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
-        let (serial, _) = crate::console::serial(trigger, Box::new(sink.clone())).unwrap();
+        let (serial, _) =
+            crate::console::serial(IrqFd::unregistered().unwrap(), Box::new(sink.clone())).unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
-        (
-            PioBus::new(Arc::new(Mutex::new(serial)), exit.clone()),
-            sink,
-            exit,
-        )
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
+        (legacy_bus(serial, &exit).unwrap(), sink, exit)
     }
 
     #[test]
     fn serial_output_reaches_the_writer() {
         let (bus, sink, _) = new_bus();
         for b in b"hi\n" {
-            bus.write(COM1, &[*b]);
+            assert!(bus.write(u64::from(COM1), &[*b]));
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
     }
@@ -149,12 +172,15 @@ mod tests {
     #[test]
     fn i8042_reset_and_debug_exit_stop_the_vm() {
         let (bus, _, exit) = new_bus();
+        let mut status = [0xaa];
+        assert!(bus.read(I8042_COMMAND, &mut status));
+        assert_eq!(status, [0]);
         bus.write(I8042_COMMAND, &[0x20]);
         assert!(!exit.is_stopping());
-        bus.write(I8042_COMMAND, &[I8042_RESET]);
+        bus.write(I8042_COMMAND, &[0xfe]);
         assert_eq!(exit.reason(), Some(VmExit::Reset));
         let (bus, _, exit) = new_bus();
-        bus.write(DEBUG_EXIT, &[7]);
+        bus.write(u64::from(DEBUG_EXIT), &7u32.to_le_bytes());
         assert_eq!(exit.reason(), Some(VmExit::DebugExit(7)));
     }
 
@@ -162,11 +188,15 @@ mod tests {
     fn unknown_ports_and_odd_widths_are_ignored() {
         let (bus, sink, exit) = new_bus();
         let mut data = [0u8; 4];
-        bus.read(0x1234, &mut data);
-        assert_eq!(data, [0xff; 4]);
-        bus.write(COM1, b"xy");
-        bus.read(COM1, &mut data[..2]);
-        bus.write(0x80, &[1]);
+        assert!(
+            !bus.read(0x1234, &mut data),
+            "no device: the exit reads ones"
+        );
+        bus.write(u64::from(COM1), b"xy");
+        assert!(bus.read(u64::from(COM1), &mut data[..2]));
+        assert_eq!(data[..2], [0xff; 2]);
+        assert!(!bus.write(0x80, &[1]));
+        bus.write(u64::from(DEBUG_EXIT) + 1, &[3]);
         assert!(sink.0.lock().unwrap().is_empty());
         assert!(!exit.is_stopping());
     }

@@ -11,19 +11,19 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use memory::GuestFrames;
 use memory::guest::Backing;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::boot::{self, BootConfig};
-use crate::console::{self, ConsoleInput, ConsoleSerial, RawTerminal};
+use crate::console::{self, ConsoleInput, RawTerminal};
 use crate::exit::{ExitLatch, VmExit};
-use crate::pio::{COM1_IRQ, IrqTrigger, PioBus};
+use crate::irq::IrqFd;
+use crate::pio::{self, COM1_IRQ, SerialDevice};
 use crate::vcpu::{self, Buses, VcpuThreads};
 use crate::virtio::{self, DiskConfig, QueueNotifier};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
 use crate::x86::mptable;
-use devices::bus::MmioBus;
+use devices::bus::Bus;
 use devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, IoApic};
 
 /// What to boot and with what.
@@ -97,15 +97,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
     let vm = Vm::new(&frames)?;
     let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
     let (serial, console) = attach_serial(&vm)?;
-    let mut mmio = MmioBus::new();
+    let mut mmio = Bus::new();
     let ioapic = IoApic::new(mptable::ioapic_id(config.cpus), Arc::new(vm.routes()));
     mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, Arc::new(Mutex::new(ioapic)))
         .map_err(|e| Error::Host("the I/O APIC", io::Error::other(e.to_string())))?;
     let notifiers = virtio::attach(&vm, &frames, &mut mmio, devices)?;
-    let buses = Arc::new(Buses {
-        pio: PioBus::new(serial.clone(), exit.clone()),
-        mmio,
-    });
+    let pio = pio::legacy_bus(serial, &exit)
+        .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
+    let buses = Arc::new(Buses { pio, mmio });
     let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
 
     vcpu::install_kick_handler().map_err(|e| Error::Host("the vCPU kick signal", e))?;
@@ -149,14 +148,11 @@ fn host_memory() -> u64 {
 
 /// COM1 on stdout, its IRQ raised through an irqfd; and the event loop's
 /// side of it, reading stdin.
-fn attach_serial(vm: &Vm) -> Result<(Arc<Mutex<ConsoleSerial>>, ConsoleInput), Error> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("the serial irqfd", e))?;
-    vm.fd()
-        .register_irqfd(&irq, COM1_IRQ)
-        .map_err(|e| vm::Error::Kvm("IRQFD", e))?;
-    let (serial, room) = console::serial(IrqTrigger(irq), Box::new(io::stdout()))
-        .map_err(|e| Error::Host("the console", e))?;
-    let serial = Arc::new(Mutex::new(serial));
+fn attach_serial(vm: &Vm) -> Result<(Arc<Mutex<SerialDevice>>, ConsoleInput), Error> {
+    let irq = IrqFd::new(vm, COM1_IRQ)?;
+    let (serial, room) =
+        console::serial(irq, Box::new(io::stdout())).map_err(|e| Error::Host("the console", e))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
     let stdin = ConsoleInput::stdin().map_err(|e| Error::Host("the console's stdin", e))?;
     Ok((serial.clone(), ConsoleInput::new(serial, stdin, room)))
 }
@@ -236,6 +232,7 @@ mod tests {
     use std::time::{Duration, Instant};
     use virtio_bindings::virtio_config::*;
     use virtio_bindings::virtio_mmio::*;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     /// A device whose queue never runs dry: every batch ends with more.
     #[derive(Debug)]
@@ -315,14 +312,12 @@ mod tests {
         event.write(1).unwrap();
         let notifier = QueueNotifier::new(Arc::new(Mutex::new(t)), vec![event]);
         let exit = Arc::new(ExitLatch::new().unwrap());
-        let (serial, room) = console::serial(
-            IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap()),
-            Box::new(io::sink()),
-        )
-        .unwrap();
+        let (serial, room) =
+            console::serial(IrqFd::unregistered().unwrap(), Box::new(io::sink())).unwrap();
         let (reader, _writer) = io::pipe().unwrap();
         let input = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
-        let console = ConsoleInput::new(Arc::new(Mutex::new(serial)), input, room);
+        let console =
+            ConsoleInput::new(Arc::new(Mutex::new(SerialDevice::new(serial))), input, room);
         let loop_exit = exit.clone();
         let runner = std::thread::spawn(move || event_loop(&loop_exit, console, vec![notifier]));
         // The device is being served batch after batch, each re-armed.

@@ -13,18 +13,17 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, register_signal_handler};
 
-use devices::bus::MmioBus;
+use devices::bus::Bus;
 
 use crate::exit::{ExitLatch, VmExit};
-use crate::pio::PioBus;
 
 /// What a vCPU's I/O exits reach.
 #[derive(Debug)]
 pub struct Buses {
-    /// Port I/O devices.
-    pub pio: PioBus,
+    /// Port I/O devices, by port.
+    pub pio: Bus,
     /// MMIO devices (virtio-mmio transports).
-    pub mmio: MmioBus,
+    pub mmio: Bus,
 }
 
 /// What the vCPU loop does after an exit.
@@ -37,8 +36,8 @@ pub enum Action {
 }
 
 /// Handles one exit (everything but KVM_EXIT_INTERNAL_ERROR, which needs the
-/// vCPU's registers). MMIO outside every device reads all ones and ignores writes, each address
-/// logged once.
+/// vCPU's registers). Port I/O and MMIO outside every device read all ones
+/// and ignore writes, each port or address logged once.
 pub fn handle_exit(
     exit: VcpuExit<'_>,
     buses: &Buses,
@@ -46,8 +45,17 @@ pub fn handle_exit(
     unknown: &Mutex<HashSet<u64>>,
 ) -> Action {
     match exit {
-        VcpuExit::IoIn(port, data) => buses.pio.read(port, data),
-        VcpuExit::IoOut(port, data) => buses.pio.write(port, data),
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                log_once(unknown, PIO_KEY | u64::from(port), "PIO read");
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !buses.pio.write(u64::from(port), data) {
+                log_once(unknown, PIO_KEY | u64::from(port), "PIO write");
+            }
+        }
         VcpuExit::MmioRead(addr, data) => {
             if !buses.mmio.read(addr, data) {
                 log_once(unknown, addr, "MMIO read");
@@ -76,10 +84,13 @@ pub fn handle_exit(
     Action::Continue
 }
 
-fn log_once(seen: &Mutex<HashSet<u64>>, addr: u64, what: &str) {
+/// Set in the log-once key of a port (MMIO addresses never have it).
+const PIO_KEY: u64 = 1 << 63;
+
+fn log_once(seen: &Mutex<HashSet<u64>>, key: u64, what: &str) {
     let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-    if seen.len() < 64 && seen.insert(addr) {
-        log::info!("ignoring {what} at {addr:#x} (logged once)");
+    if seen.len() < 64 && seen.insert(key) {
+        log::info!("ignoring {what} at {:#x} (logged once)", key & !PIO_KEY);
     }
 }
 

@@ -10,18 +10,19 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::bus::MmioBus;
+use devices::bus::Bus;
 use devices::disk::RawFile;
+use devices::virtio::VirtioDevice;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
-use devices::virtio::{Interrupt, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::IoEventAddress;
 use memory::GuestFrames;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::vm::Vm;
+use crate::irq::IrqFd;
+use crate::vm::{self, Vm};
 
 /// First virtio-mmio device window, in the MMIO hole below the I/O APIC.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -62,6 +63,9 @@ pub enum Error {
     /// KVM refused an irqfd or ioeventfd.
     #[error("KVM {0} failed")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The interrupt line could not be set up.
+    #[error(transparent)]
+    Irq(#[from] vm::Error),
 }
 
 /// Where device `index` sits: (MMIO base, IRQ).
@@ -102,40 +106,23 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>, Er
         .collect()
 }
 
-/// The interrupt line of a device: an irqfd on its GSI.
-#[derive(Debug)]
-struct IrqLine(EventFd);
-
-impl Interrupt for IrqLine {
-    fn trigger(&self) {
-        if let Err(e) = self.0.write(1) {
-            // Only if the eventfd counter saturates; the guest still sees the
-            // interrupt status on its next read.
-            log::warn!("cannot signal a virtio interrupt: {e}");
-        }
-    }
-}
-
 /// Puts each device on the MMIO bus at its slot, with an irqfd for its
 /// interrupt and an ioeventfd per queue. Returns the event-loop side.
 pub fn attach(
     vm: &Vm,
     frames: &Arc<GuestFrames>,
-    bus: &mut MmioBus,
+    bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
 ) -> Result<Vec<QueueNotifier>, Error> {
     let mut notifiers = Vec::with_capacity(devices.len());
     for (index, device) in devices.into_iter().enumerate() {
         let (base, irq) = slot(index);
-        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.fd()
-            .register_irqfd(&irqfd, irq)
-            .map_err(|e| Error::Kvm("IRQFD", e))?;
+        let irqfd = IrqFd::new(vm, irq)?;
         let queues = device.queue_max_sizes().len();
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             device,
             frames.clone(),
-            Arc::new(IrqLine(irqfd)),
+            Arc::new(irqfd),
         )));
         let mut events = Vec::with_capacity(queues);
         for queue in 0..queues {

@@ -47,6 +47,9 @@ pub enum Error {
     /// A KVM ioctl failed.
     #[error("KVM {0} failed")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// An eventfd for KVM could not be created.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
     /// More vCPUs than KVM allows.
     #[error("{requested} vCPUs requested, KVM allows at most {max}")]
     TooManyCpus {

@@ -12,8 +12,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use vmm::exit::ExitLatch;
-use vmm::pio::{COM1, IrqTrigger, PioBus};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm::irq::IrqFd;
+use vmm::pio::{COM1, SerialDevice, legacy_bus};
 
 use crate::common::Input;
 
@@ -39,11 +39,11 @@ impl Write for Sink {
 /// Runs the target on `data`.
 pub fn run(data: &[u8]) {
     let sink = Sink::default();
-    let trigger = IrqTrigger(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+    let trigger = IrqFd::unregistered().expect("eventfd");
     let (serial, _room) = vmm::console::serial(trigger, Box::new(sink.clone())).expect("eventfd");
-    let serial = Arc::new(Mutex::new(serial));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
     let exit = Arc::new(ExitLatch::new().expect("eventfd"));
-    let bus = PioBus::new(serial.clone(), exit.clone());
+    let bus = legacy_bus(serial.clone(), &exit).expect("the legacy ports fit");
     let mut input = Input::new(data);
     let mut writes = 0usize;
     let mut dlab = false;
@@ -54,7 +54,7 @@ pub fn run(data: &[u8]) {
         let kind = input.u8() % 4;
         let offset = input.u8() % 8;
         let value = input.u8();
-        let port = COM1 + u16::from(offset);
+        let port = u64::from(COM1 + u16::from(offset));
         match kind {
             0 => {
                 if offset == 0 && !dlab {
@@ -71,13 +71,17 @@ pub fn run(data: &[u8]) {
             }
             2 => {
                 let bytes = vec![offset; usize::from(value % 80)];
-                let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                let mut d = serial.lock().unwrap_or_else(|p| p.into_inner());
+                let s = d.uart();
                 let _ = s.enqueue_raw_bytes(&bytes);
                 assert!(s.fifo_capacity() <= FIFO, "FIFO capacity above {FIFO}");
             }
             _ => {
                 dlab = !dlab;
-                bus.write(COM1 + u16::from(LCR), &[if dlab { DLAB | 3 } else { 3 }]);
+                bus.write(
+                    u64::from(COM1 + u16::from(LCR)),
+                    &[if dlab { DLAB | 3 } else { 3 }],
+                );
             }
         }
         let out = *sink.0.lock().unwrap_or_else(|p| p.into_inner());
