@@ -19,7 +19,7 @@ use crate::exit::{ExitLatch, VmExit};
 use crate::irq::IrqFd;
 use crate::pio::{self, COM1_IRQ, SerialDevice};
 use crate::vcpu::{self, Buses, VcpuThreads};
-use crate::virtio::{self, DiskConfig, QueueNotifier};
+use crate::virtio::{self, DeviceEvents, DiskConfig};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
 use crate::x86::mptable;
@@ -161,7 +161,7 @@ fn attach_serial(vm: &Vm) -> Result<(Arc<Mutex<SerialDevice>>, ConsoleInput), Er
 fn event_loop(
     exit: &Arc<ExitLatch>,
     console: ConsoleInput,
-    notifiers: Vec<QueueNotifier>,
+    notifiers: Vec<DeviceEvents>,
 ) -> Result<(), Error> {
     let host =
         |e: event_manager::Error| Error::Host("the event loop", io::Error::other(e.to_string()));
@@ -225,13 +225,12 @@ fn install_stop_signals(exit: &ExitLatch) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::bus::BusDevice;
+    use crate::virtio::tests::NoInterrupt;
     use devices::virtio::mmio::MmioTransport;
-    use devices::virtio::{Interrupt, Processed, Queue, QueueError, VirtioDevice};
+    use devices::virtio::{Processed, Queue, QueueError, VirtioDevice};
     use std::sync::atomic::AtomicU64;
     use std::time::{Duration, Instant};
     use virtio_bindings::virtio_config::*;
-    use virtio_bindings::virtio_mmio::*;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     /// A device whose queue never runs dry: every batch ends with more.
@@ -271,16 +270,6 @@ mod tests {
         fn reset(&mut self) {}
     }
 
-    #[derive(Debug)]
-    struct NoInterrupt;
-    impl Interrupt for NoInterrupt {
-        fn trigger(&self) {}
-    }
-
-    fn write32(t: &mut MmioTransport, offset: u32, value: u32) {
-        t.write(u64::from(offset), &value.to_le_bytes());
-    }
-
     #[test]
     fn event_loop_serves_a_pending_signal_between_batches_of_endless_work() {
         let frames = Arc::new(GuestFrames::new(16 << 20, Backing::Anonymous).unwrap());
@@ -290,27 +279,10 @@ mod tests {
             frames,
             Arc::new(NoInterrupt),
         );
-        // The driver's handshake, with queue 0 in RAM.
-        for status in [1, 3] {
-            write32(&mut t, VIRTIO_MMIO_STATUS, status);
-        }
-        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-        write32(&mut t, VIRTIO_MMIO_STATUS, 3 | VIRTIO_CONFIG_S_FEATURES_OK);
-        write32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
-        write32(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
-        write32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
-        write32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
-        write32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
-        write32(
-            &mut t,
-            VIRTIO_MMIO_STATUS,
-            3 | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
-        );
-        assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        crate::virtio::tests::handshake(&mut t);
         let event = EventFd::new(EFD_NONBLOCK).unwrap();
         event.write(1).unwrap();
-        let notifier = QueueNotifier::new(Arc::new(Mutex::new(t)), vec![event]);
+        let notifier = DeviceEvents::new(Arc::new(Mutex::new(t)), vec![event]).unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
         let (serial, room) =
             console::serial(IrqFd::unregistered().unwrap(), Box::new(io::sink())).unwrap();

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::disk::RawFile;
-use devices::virtio::VirtioDevice;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
+use devices::virtio::{EventSource, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::IoEventAddress;
 use memory::GuestFrames;
@@ -113,7 +113,7 @@ pub fn attach(
     frames: &Arc<GuestFrames>,
     bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<Vec<QueueNotifier>, Error> {
+) -> Result<Vec<DeviceEvents>, Error> {
     let mut notifiers = Vec::with_capacity(devices.len());
     for (index, device) in devices.into_iter().enumerate() {
         let (base, irq) = slot(index);
@@ -136,60 +136,275 @@ pub fn attach(
         bus.insert(base, MMIO_SIZE, transport.clone())
             .map_err(|e| Error::Bus(base, e))?;
         log::info!("virtio device {index} at {base:#x}, IRQ {irq}, {queues} queue(s)");
-        notifiers.push(QueueNotifier::new(transport, events));
+        notifiers.push(DeviceEvents::new(transport, events)?);
     }
     Ok(notifiers)
 }
 
-/// The event-loop side of one device: its queues' ioeventfds.
+/// Event data of a device's wake event (its sources changed elsewhere).
+const WAKE: u32 = u32::MAX;
+/// Set in the event data of a device's own source; the rest is its token.
+const SOURCE: u32 = 1 << 31;
+
+/// The event-loop side of one device: its queues' ioeventfds, the event its
+/// transport signals when the device's sources change, and those sources.
 #[derive(Debug)]
-pub struct QueueNotifier {
+pub struct DeviceEvents {
     transport: Arc<Mutex<MmioTransport>>,
-    events: Vec<EventFd>,
+    queues: Vec<EventFd>,
+    wake: Arc<EventFd>,
+    /// The sources registered with the loop.
+    watched: Vec<EventSource>,
+    logged: bool,
 }
 
-impl QueueNotifier {
+impl DeviceEvents {
     /// The event-loop side of `transport`, whose queue `i` is notified
-    /// through `events[i]`.
-    pub(crate) fn new(transport: Arc<Mutex<MmioTransport>>, events: Vec<EventFd>) -> Self {
-        QueueNotifier { transport, events }
+    /// through `queues[i]`; sets the transport's notifier.
+    pub(crate) fn new(
+        transport: Arc<Mutex<MmioTransport>>,
+        queues: Vec<EventFd>,
+    ) -> Result<Self, Error> {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
+        lock(&transport).set_notifier(wake.clone());
+        Ok(DeviceEvents {
+            transport,
+            queues,
+            wake,
+            watched: Vec::new(),
+            logged: false,
+        })
+    }
+
+    /// Registers what the device lists now and unregisters what it no
+    /// longer lists.
+    fn sync_sources(&mut self, now: &[EventSource], ops: &mut EventOps) {
+        let events = |s: &EventSource| Events::with_data_raw(s.fd, SOURCE | s.token, EventSet::IN);
+        for gone in self.watched.iter().filter(|s| !now.contains(s)) {
+            // Fails only if the descriptor was closed, which unregisters it.
+            let _ = ops.remove(events(gone));
+        }
+        for new in now.iter().filter(|s| !self.watched.contains(s)) {
+            if let Err(e) = ops.add(events(new))
+                && !std::mem::replace(&mut self.logged, true)
+            {
+                log::error!("cannot watch a virtio device's source: {e:?} (logged once)");
+            }
+        }
+        self.watched.clear();
+        self.watched.extend_from_slice(now);
     }
 }
 
-impl MutEventSubscriber for QueueNotifier {
+fn lock(transport: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+    transport.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MutEventSubscriber for DeviceEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        for (queue, event) in self.events.iter().enumerate() {
+        for (queue, event) in self.queues.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, queue as u32, EventSet::IN)) {
                 log::error!("cannot watch virtio queue {queue}: {e:?}");
             }
         }
+        if let Err(e) = ops.add(Events::with_data(&*self.wake, WAKE, EventSet::IN)) {
+            log::error!("cannot watch a virtio device's wake event: {e:?}");
+        }
+        let transport = self.transport.clone();
+        let transport = lock(&transport);
+        self.sync_sources(transport.event_sources(), ops);
     }
 
-    fn process(&mut self, events: Events, _: &mut EventOps) {
-        let queue = events.data() as usize;
-        if let Some(event) = self.events.get(queue) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        let transport = self.transport.clone();
+        let mut transport = lock(&transport);
+        match data {
             // Non-blocking: a spurious wake-up reads EAGAIN, which is harmless.
-            let _ = event.read();
-            let more = self
-                .transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .process_queue(queue);
-            if more {
-                // One batch per wake-up: signal ourselves, so the loop serves
-                // its other events (signals, the console, other devices)
-                // before the next batch.
-                if let Err(e) = event.write(1) {
-                    log::warn!("cannot re-arm virtio queue {queue}: {e}");
+            WAKE => {
+                let _ = self.wake.read();
+            }
+            // Level-triggered: a source the device left readable at its
+            // batch budget is reported again after the loop's other events.
+            _ if data & SOURCE != 0 => {
+                transport.process_event(data & !SOURCE);
+            }
+            _ => {
+                if let Some(event) = self.queues.get(data as usize) {
+                    let _ = event.read();
+                    if transport.process_queue(data as usize) {
+                        // One batch per wake-up: signal ourselves, so the
+                        // loop serves its other events (signals, the console,
+                        // other devices) before the next batch.
+                        if let Err(e) = event.write(1) {
+                            log::warn!("cannot re-arm virtio queue {data}: {e}");
+                        }
+                    }
                 }
             }
         }
+        self.sync_sources(transport.event_sources(), ops);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use devices::bus::BusDevice;
+    use devices::virtio::{ActivateError, Interrupt, Processed, Queue, QueueError};
+    use event_manager::{EventManager, SubscriberOps};
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use virtio_bindings::virtio_config::*;
+    use virtio_bindings::virtio_mmio::*;
+
+    #[derive(Debug)]
+    pub(crate) struct NoInterrupt;
+    impl Interrupt for NoInterrupt {
+        fn trigger(&self) {}
+    }
+
+    fn write32(t: &mut MmioTransport, offset: u32, value: u32) {
+        t.write(u64::from(offset), &value.to_le_bytes());
+    }
+
+    /// The driver's handshake up to DRIVER_OK, with queue 0 (16 entries) in
+    /// the first 16 KiB of RAM.
+    pub(crate) fn handshake(t: &mut MmioTransport) {
+        for status in [1, 3] {
+            write32(t, VIRTIO_MMIO_STATUS, status);
+        }
+        write32(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write32(t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write32(t, VIRTIO_MMIO_STATUS, 3 | VIRTIO_CONFIG_S_FEATURES_OK);
+        write32(t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        write32(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write32(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write32(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write32(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        write32(
+            t,
+            VIRTIO_MMIO_STATUS,
+            3 | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    /// A device watching a pipe once active, draining what it reads.
+    #[derive(Debug)]
+    struct PipeDevice {
+        pipe: std::fs::File,
+        sources: Vec<EventSource>,
+        read: Arc<AtomicU64>,
+    }
+
+    impl VirtioDevice for PipeDevice {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn avail_features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn chain_limit(&self, _: usize) -> u64 {
+            u64::MAX
+        }
+        fn process_queue(
+            &mut self,
+            _: usize,
+            _: &mut Queue,
+            _: &GuestFrames,
+        ) -> Result<Processed, QueueError> {
+            Ok(Processed::default())
+        }
+        fn activate(&mut self, _: &mut [Queue], _: &GuestFrames) -> Result<(), ActivateError> {
+            self.sources = vec![EventSource {
+                fd: self.pipe.as_raw_fd(),
+                token: 9,
+            }];
+            Ok(())
+        }
+        fn event_sources(&self) -> &[EventSource] {
+            &self.sources
+        }
+        fn process_event(
+            &mut self,
+            token: u32,
+            _: &mut [Queue],
+            _: &GuestFrames,
+        ) -> Result<Processed, QueueError> {
+            assert_eq!(token, 9);
+            let mut buf = [0u8; 64];
+            let n = self.pipe.read(&mut buf).unwrap_or(0);
+            self.read.fetch_add(n as u64, Ordering::SeqCst);
+            Ok(Processed::default())
+        }
+        fn reset(&mut self) {
+            self.sources.clear();
+        }
+    }
+
+    #[test]
+    fn device_source_is_watched_from_driver_ok_until_reset() {
+        let frames =
+            Arc::new(GuestFrames::new(16 << 20, memory::guest::Backing::Anonymous).unwrap());
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let read = Arc::new(AtomicU64::new(0));
+        let device = PipeDevice {
+            pipe: std::fs::File::from(std::os::fd::OwnedFd::from(reader)),
+            sources: Vec::new(),
+            read: read.clone(),
+        };
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            Box::new(device),
+            frames,
+            Arc::new(NoInterrupt),
+        )));
+        let queue = EventFd::new(EFD_NONBLOCK).unwrap();
+        let events = DeviceEvents::new(transport.clone(), vec![queue]).unwrap();
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().unwrap();
+        manager.add_subscriber(Arc::new(Mutex::new(events)));
+        let run = |m: &mut EventManager<_>| {
+            for _ in 0..4 {
+                m.run_with_timeout(10).unwrap();
+            }
+        };
+        writer.write_all(b"early").unwrap();
+        run(&mut manager);
+        assert_eq!(
+            read.load(Ordering::SeqCst),
+            0,
+            "not watched before DRIVER_OK"
+        );
+        // DRIVER_OK from another thread (a vCPU's MMIO write): the wake event
+        // has the loop register the pipe, which is then drained.
+        handshake(&mut transport.lock().unwrap());
+        run(&mut manager);
+        assert_eq!(read.load(Ordering::SeqCst), 5);
+        writer.write_all(b"more").unwrap();
+        run(&mut manager);
+        assert_eq!(read.load(Ordering::SeqCst), 9);
+        // A reset unregisters it: readable input stays in the pipe and the
+        // loop does not spin on it.
+        write32(&mut transport.lock().unwrap(), VIRTIO_MMIO_STATUS, 0);
+        writer.write_all(b"late").unwrap();
+        run(&mut manager);
+        assert_eq!(read.load(Ordering::SeqCst), 9);
+        assert_eq!(
+            manager.run_with_timeout(10).unwrap(),
+            0,
+            "nothing watched fires"
+        );
+    }
 
     #[test]
     fn virtio_slots_follow_each_other_below_the_io_apic() {

@@ -22,7 +22,13 @@
 //!   queue, or a fatal queue error later, sets DEVICE_NEEDS_RESET and raises a
 //!   configuration-change interrupt (§2.1.2);
 //! - QueueNotify for a queue that does not exist, before DRIVER_OK, for an
-//!   inactive queue or while NEEDS_RESET is set touches nothing (counted).
+//!   inactive queue or while NEEDS_RESET is set touches nothing (counted);
+//! - after the queues, the device itself is activated at DRIVER_OK
+//!   ([`VirtioDevice::activate`]); its event sources are listed
+//!   ([`MmioTransport::event_sources`]) only while it is live and active, and
+//!   an event on one reaches it only then (otherwise counted like a bad
+//!   notification). Whenever that list changes the transport's [`Notifier`]
+//!   is told, so the VMM watches exactly what the device asks for.
 //!
 //! Notifications normally arrive through an ioeventfd on QueueNotify (the VMM
 //! calls [`MmioTransport::process_queue`] from its event loop); a write that
@@ -51,8 +57,8 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 
 use super::{
-    Interrupt, Queue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-    VirtioDevice,
+    EventSource, Interrupt, Notifier, Processed, Queue, QueueError, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
 };
 use crate::bus::BusDevice;
 
@@ -108,6 +114,10 @@ pub struct TransportMetrics {
     pub interrupts: u64,
     /// Notifications whose work was cut at the batch budget and resumed later.
     pub batches_cut: u64,
+    /// Events of the device's own sources handed to it.
+    pub source_events: u64,
+    /// Times the device failed to activate at DRIVER_OK.
+    pub activate_failed: u64,
 }
 
 /// A virtio device behind a virtio-mmio register window.
@@ -126,6 +136,11 @@ pub struct MmioTransport {
     config_generation: u32,
     metrics: TransportMetrics,
     logged_fatal: bool,
+    /// The device was activated at DRIVER_OK (and not reset since).
+    active: bool,
+    /// The event sources the VMM is told to watch.
+    watched: Vec<EventSource>,
+    notifier: Option<Arc<dyn Notifier>>,
 }
 
 impl MmioTransport {
@@ -159,7 +174,21 @@ impl MmioTransport {
             config_generation: 0,
             metrics: TransportMetrics::default(),
             logged_fatal: false,
+            active: false,
+            watched: Vec::new(),
+            notifier: None,
         }
+    }
+
+    /// Tells `notifier` whenever [`MmioTransport::event_sources`] changes.
+    pub fn set_notifier(&mut self, notifier: Arc<dyn Notifier>) {
+        self.notifier = Some(notifier);
+    }
+
+    /// The device's event sources to watch now: none unless it is live
+    /// (DRIVER_OK, neither NEEDS_RESET nor FAILED) and activated.
+    pub fn event_sources(&self) -> &[EventSource] {
+        &self.watched
     }
 
     /// Offset of QueueNotify, for the VMM's ioeventfds.
@@ -188,6 +217,98 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// DRIVER_OK set, and neither NEEDS_RESET nor FAILED.
+    fn live(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) == 0
+    }
+
+    /// Brings the watched sources up to date with the device's list (none
+    /// unless live and active), telling the notifier when they change.
+    fn update_sources(&mut self) {
+        let now = if self.active && self.live() {
+            self.device.event_sources()
+        } else {
+            &[]
+        };
+        if now != self.watched.as_slice() {
+            self.watched.clear();
+            self.watched.extend_from_slice(now);
+            if let Some(n) = &self.notifier {
+                n.notify();
+            }
+        }
+    }
+
+    /// Source `token` of the device is readable: one batch of the device's
+    /// work on it when the device is live and active (counted otherwise),
+    /// then an interrupt for each queue that asks for one.
+    pub fn process_event(&mut self, token: u32) -> bool {
+        if !(self.active && self.live()) {
+            self.metrics.bad_notify += 1;
+            return false;
+        }
+        self.metrics.source_events += 1;
+        let processed = self
+            .device
+            .process_event(token, &mut self.queues, &self.frames);
+        self.queues.iter_mut().for_each(Queue::release_parked);
+        let result = self.interrupt_for_all(processed);
+        let more = self.finish(result, format_args!("event {token}"));
+        self.update_sources();
+        more
+    }
+
+    /// After a device call over every queue: whether any queue wants an
+    /// interrupt (asked of every active queue: one without new used entries
+    /// never does).
+    fn interrupt_for_all(
+        &mut self,
+        processed: Result<Processed, QueueError>,
+    ) -> Result<(bool, bool), QueueError> {
+        let done = match processed {
+            Ok(done) => done,
+            Err(e) if !e.is_fatal() => {
+                self.metrics.bad_chains += 1;
+                Processed {
+                    used: true,
+                    more: false,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let mut raise = false;
+        if done.used {
+            for queue in self.queues.iter_mut().filter(|q| q.is_active()) {
+                raise |= queue.needs_notification(&self.frames)?;
+            }
+        }
+        Ok((raise, done.more))
+    }
+
+    /// Raises the interrupt or enters NEEDS_RESET after a device call;
+    /// returns whether more work is left.
+    fn finish(
+        &mut self,
+        result: Result<(bool, bool), QueueError>,
+        what: fmt::Arguments<'_>,
+    ) -> bool {
+        match result {
+            Ok((raise, more)) => {
+                if raise {
+                    self.raise(VIRTIO_MMIO_INT_VRING);
+                }
+                self.metrics.batches_cut += u64::from(more);
+                more
+            }
+            Err(e) => {
+                self.log_once(format_args!("{what}: {e}; the device needs a reset"));
+                self.needs_reset();
+                false
+            }
+        }
+    }
+
     /// Handles a notification of queue `index`: runs one batch of the device
     /// on it when the device is live (DRIVER_OK, neither NEEDS_RESET nor
     /// FAILED) and the queue active, and interrupts the driver if the queue
@@ -195,44 +316,32 @@ impl MmioTransport {
     /// whether chains are left for another batch: the caller runs it after
     /// serving its other events.
     pub fn process_queue(&mut self, index: usize) -> bool {
-        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) == 0;
+        let live = self.live();
         let Some(queue) = self.queues.get_mut(index).filter(|q| live && q.is_active()) else {
             self.metrics.bad_notify += 1;
             return false;
         };
         self.metrics.notifies += 1;
-        let mut more = false;
         let processed = self.device.process_queue(index, queue, &self.frames);
         // The batch is over: nothing stays pinned for chains not yet popped.
         queue.release_parked();
         let result = match processed {
-            Ok(done) => {
-                more = done.more;
-                self.metrics.batches_cut += u64::from(done.more);
-                if done.used {
-                    queue.needs_notification(&self.frames)
-                } else {
-                    Ok(false)
-                }
-            }
+            Ok(done) if done.used => queue
+                .needs_notification(&self.frames)
+                .map(|raise| (raise, done.more)),
+            Ok(done) => Ok((false, done.more)),
             // The device model handles non-fatal errors itself; one reaching
             // here is a chain already returned to the driver with length 0.
             Err(e) if !e.is_fatal() => {
                 self.metrics.bad_chains += 1;
-                queue.needs_notification(&self.frames)
+                queue
+                    .needs_notification(&self.frames)
+                    .map(|raise| (raise, false))
             }
             Err(e) => Err(e),
         };
-        match result {
-            Ok(true) => self.raise(VIRTIO_MMIO_INT_VRING),
-            Ok(false) => {}
-            Err(e) => {
-                self.log_once(format_args!("queue {index}: {e}; the device needs a reset"));
-                self.needs_reset();
-                more = false;
-            }
-        }
+        let more = self.finish(result, format_args!("queue {index}"));
+        self.update_sources();
         more
     }
 
@@ -257,10 +366,12 @@ impl MmioTransport {
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.metrics.needs_reset += 1;
         self.raise(VIRTIO_MMIO_INT_CONFIG);
+        self.update_sources();
     }
 
     fn reset(&mut self) {
         self.device.reset();
+        self.active = false;
         self.queues.iter_mut().for_each(Queue::reset);
         self.status = 0;
         self.device_features_sel = 0;
@@ -270,6 +381,7 @@ impl MmioTransport {
         self.interrupt_status = 0;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.metrics.resets += 1;
+        self.update_sources();
     }
 
     /// A Status write (§2.1, §3.1.1): 0 resets; otherwise the write must keep
@@ -298,12 +410,14 @@ impl MmioTransport {
             }
             VIRTIO_CONFIG_S_DRIVER_OK => {
                 self.status = value;
-                self.activate_queues();
+                self.activate();
                 return;
             }
             _ => {}
         }
         self.status = value;
+        // FAILED stops the device's sources.
+        self.update_sources();
     }
 
     /// At FEATURES_OK: refuses a driver without VIRTIO_F_VERSION_1, otherwise
@@ -323,9 +437,10 @@ impl MmioTransport {
         true
     }
 
-    /// At DRIVER_OK: validates every ready queue; the first that fails puts the
-    /// device in NEEDS_RESET (the others stay inactive or are never used).
-    fn activate_queues(&mut self) {
+    /// At DRIVER_OK: validates every ready queue, then activates the device;
+    /// the first queue that fails, or the device, puts it in NEEDS_RESET
+    /// (the other queues stay inactive or are never used).
+    fn activate(&mut self) {
         let frames = &self.frames;
         let failed = self
             .queues
@@ -336,7 +451,17 @@ impl MmioTransport {
         if let Some((index, e)) = failed {
             self.log_once(format_args!("queue {index} at DRIVER_OK: {e}"));
             self.needs_reset();
+            return;
         }
+        match self.device.activate(&mut self.queues, &self.frames) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                self.metrics.activate_failed += 1;
+                self.log_once(format_args!("{e}"));
+                self.needs_reset();
+            }
+        }
+        self.update_sources();
     }
 
     /// Whether queue registers may be written now (FEATURES_OK, not DRIVER_OK).

@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::mock::MockDriver;
-use crate::virtio::{MAX_QUEUE_SIZE, Processed, QueueError};
+use crate::virtio::{ActivateError, EventSource, MAX_QUEUE_SIZE, Notifier, Processed, QueueError};
 
 const RINGS: GuestAddress = GuestAddress(0x10_0000);
 const DATA: u64 = 0x20_0000;
@@ -27,6 +27,30 @@ struct FakeDevice {
     fail: Arc<Mutex<bool>>,
     /// Serve one chain per batch (and report more).
     one_per_batch: Arc<Mutex<bool>>,
+    /// Refuse to activate.
+    fail_activate: Arc<Mutex<bool>>,
+    /// Events handed to the device.
+    events: Arc<AtomicU64>,
+    /// Listed once activated.
+    sources: Vec<EventSource>,
+}
+
+/// The source the fake device watches once active.
+const SOURCE: EventSource = EventSource { fd: 7, token: 3 };
+
+impl FakeDevice {
+    fn serve(&self, queue: &mut Queue, frames: &GuestFrames) -> Result<Processed, QueueError> {
+        let mut done = Processed::default();
+        while let Some(chain) = queue.pop(frames)? {
+            queue.add_used(frames, chain, 1)?;
+            done.used = true;
+            if *self.one_per_batch.lock().unwrap() {
+                done.more = queue.has_available(frames)?;
+                break;
+            }
+        }
+        Ok(done)
+    }
 }
 
 impl VirtioDevice for FakeDevice {
@@ -61,19 +85,34 @@ impl VirtioDevice for FakeDevice {
         if *self.fail.lock().unwrap() {
             return Err(QueueError::HeadIndex(999));
         }
-        let mut done = Processed::default();
-        while let Some(chain) = queue.pop(frames)? {
-            queue.add_used(frames, chain, 1)?;
-            done.used = true;
-            if *self.one_per_batch.lock().unwrap() {
-                done.more = queue.has_available(frames)?;
-                break;
-            }
+        self.serve(queue, frames)
+    }
+    fn activate(&mut self, _: &mut [Queue], _: &GuestFrames) -> Result<(), ActivateError> {
+        if *self.fail_activate.lock().unwrap() {
+            return Err(ActivateError {
+                what: "the fake backend",
+                source: std::io::Error::other("refused"),
+            });
         }
-        Ok(done)
+        self.sources = vec![SOURCE];
+        Ok(())
+    }
+    fn event_sources(&self) -> &[EventSource] {
+        &self.sources
+    }
+    fn process_event(
+        &mut self,
+        token: u32,
+        queues: &mut [Queue],
+        frames: &GuestFrames,
+    ) -> Result<Processed, QueueError> {
+        assert_eq!(token, SOURCE.token);
+        self.events.fetch_add(1, Ordering::SeqCst);
+        self.serve(&mut queues[0], frames)
     }
     fn reset(&mut self) {
         self.resets.fetch_add(1, Ordering::SeqCst);
+        self.sources.clear();
     }
 }
 
@@ -86,6 +125,15 @@ impl Interrupt for CountingInterrupt {
     }
 }
 
+#[derive(Debug, Default)]
+struct CountingNotifier(AtomicU64);
+
+impl Notifier for CountingNotifier {
+    fn notify(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 struct Rig {
     frames: Arc<GuestFrames>,
     transport: MmioTransport,
@@ -93,6 +141,9 @@ struct Rig {
     processed: Arc<AtomicU64>,
     fail: Arc<Mutex<bool>>,
     one_per_batch: Arc<Mutex<bool>>,
+    fail_activate: Arc<Mutex<bool>>,
+    events: Arc<AtomicU64>,
+    notified: Arc<CountingNotifier>,
 }
 
 impl Rig {
@@ -101,8 +152,11 @@ impl Rig {
         let device = FakeDevice::default();
         let (processed, fail) = (device.processed.clone(), device.fail.clone());
         let one_per_batch = device.one_per_batch.clone();
+        let (fail_activate, events) = (device.fail_activate.clone(), device.events.clone());
         let irq = Arc::new(CountingInterrupt::default());
-        let transport = MmioTransport::new(Box::new(device), frames.clone(), irq.clone());
+        let mut transport = MmioTransport::new(Box::new(device), frames.clone(), irq.clone());
+        let notified = Arc::new(CountingNotifier::default());
+        transport.set_notifier(notified.clone());
         Rig {
             frames,
             transport,
@@ -110,6 +164,9 @@ impl Rig {
             processed,
             fail,
             one_per_batch,
+            fail_activate,
+            events,
+            notified,
         }
     }
 
@@ -522,5 +579,93 @@ fn mmio_queue_ready_takes_only_zero_or_one() {
     rig.w(VIRTIO_MMIO_QUEUE_READY, 1);
     assert_eq!(rig.r(VIRTIO_MMIO_QUEUE_READY), 1);
     rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+}
+
+// Devices' own event sources (a TAP): listed and served only while live and
+// active.
+#[test]
+fn mmio_device_sources_are_watched_only_while_live_and_active() {
+    let mut rig = Rig::new();
+    let frames = rig.frames.clone();
+    let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+    rig.negotiate();
+    rig.setup_queue(&driver);
+    assert!(rig.transport.event_sources().is_empty(), "before DRIVER_OK");
+    assert!(!rig.transport.process_event(SOURCE.token));
+    assert_eq!(rig.events.load(Ordering::SeqCst), 0, "not handed over");
+    rig.driver_ok();
+    assert_eq!(rig.transport.event_sources(), [SOURCE]);
+    assert_eq!(
+        rig.notified.0.load(Ordering::SeqCst),
+        1,
+        "told at activation"
+    );
+    // An event serves the device's queue and interrupts the driver.
+    let irqs = rig.irq.0.load(Ordering::SeqCst);
+    driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 1, true)]);
+    assert!(!rig.transport.process_event(SOURCE.token));
+    assert_eq!(rig.events.load(Ordering::SeqCst), 1);
+    assert_eq!(driver.used_idx(), 1);
+    assert_eq!(rig.irq.0.load(Ordering::SeqCst), irqs + 1);
+    assert_eq!(rig.transport.metrics().source_events, 1);
+    assert_eq!(
+        rig.notified.0.load(Ordering::SeqCst),
+        1,
+        "no change, no word"
+    );
+    // FAILED: nothing is watched any more, nothing handed over.
+    rig.w(VIRTIO_MMIO_STATUS, 0b1111 | VIRTIO_CONFIG_S_FAILED);
+    assert!(rig.transport.event_sources().is_empty());
+    assert_eq!(rig.notified.0.load(Ordering::SeqCst), 2);
+    assert!(!rig.transport.process_event(SOURCE.token));
+    assert_eq!(rig.events.load(Ordering::SeqCst), 1);
+    // Reset, then a fresh handshake activates it again.
+    rig.w(VIRTIO_MMIO_STATUS, 0);
+    assert!(rig.transport.event_sources().is_empty());
+    rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+    assert_eq!(rig.transport.event_sources(), [SOURCE]);
+    assert_eq!(rig.notified.0.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn mmio_needs_reset_stops_the_device_sources() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    assert_eq!(rig.transport.event_sources(), [SOURCE]);
+    *rig.fail.lock().unwrap() = true;
+    rig.transport.process_queue(0);
+    assert_ne!(rig.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert!(rig.transport.event_sources().is_empty());
+    assert!(!rig.transport.process_event(SOURCE.token));
+    assert_eq!(rig.events.load(Ordering::SeqCst), 0);
+    *rig.fail.lock().unwrap() = false;
+    rig.w(VIRTIO_MMIO_STATUS, 0);
+    rig.frames.memory().write_slice(&[0; 4096], RINGS).unwrap();
+    rig.assert_serves();
+    assert_eq!(rig.transport.event_sources(), [SOURCE]);
+}
+
+#[test]
+fn mmio_device_that_cannot_activate_needs_reset() {
+    let mut rig = Rig::new();
+    *rig.fail_activate.lock().unwrap() = true;
+    let frames = rig.frames.clone();
+    let driver = MockDriver::new(&frames, SIZE, RINGS);
+    rig.negotiate();
+    rig.setup_queue(&driver);
+    rig.driver_ok();
+    let status = rig.r(VIRTIO_MMIO_STATUS);
+    assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(
+        rig.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG,
+        VIRTIO_MMIO_INT_CONFIG
+    );
+    assert_eq!(rig.transport.metrics().activate_failed, 1);
+    assert!(rig.transport.event_sources().is_empty());
+    assert!(!rig.transport.process_event(SOURCE.token));
+    *rig.fail_activate.lock().unwrap() = false;
+    rig.w(VIRTIO_MMIO_STATUS, 0);
     rig.assert_serves();
 }

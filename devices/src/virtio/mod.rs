@@ -8,6 +8,16 @@
 //! [`process_queue`](VirtioDevice::process_queue) when the driver notifies a
 //! queue (from the event loop, through an ioeventfd in the VMM).
 //!
+//! A device may also be driven by file descriptors of its own (a TAP for
+//! virtio-net, later timers): at DRIVER_OK, once the queues are validated,
+//! the transport [activates](VirtioDevice::activate) it; from then until a
+//! reset or NEEDS_RESET the VMM watches the [`EventSource`]s the device lists
+//! and hands their readiness back through the transport
+//! ([`process_event`](VirtioDevice::process_event)), gated like queue
+//! notifications. A device changes the list (stops watching a TAP while the
+//! guest has no receive buffers) simply by listing something else; the
+//! transport tells the VMM through its [`Notifier`].
+//!
 //! Work per call is bounded: a device serves at most [`BATCH_CHAINS`] chains
 //! or [`BATCH_BYTES`] bytes of requests per call and says whether chains are
 //! left ([`Processed::more`]); the VMM then re-arms the queue's event, so the
@@ -21,8 +31,11 @@ pub mod mock;
 pub mod queue;
 
 use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
 
 use memory::GuestFrames;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use queue::{
     ChainError, DescriptorChain, MAX_QUEUE_SIZE, Queue, QueueError, ReadableBuffer, Reader,
@@ -55,6 +68,26 @@ pub struct Processed {
     pub more: bool,
 }
 
+/// A file descriptor a device wants watched for input while it is active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventSource {
+    /// The descriptor, owned by the device (open while it is listed).
+    pub fd: RawFd,
+    /// The device's name for it, passed back to `process_event`.
+    pub token: u32,
+}
+
+/// Why a device could not start at DRIVER_OK (it then needs a reset).
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot activate the device: {what}")]
+pub struct ActivateError {
+    /// What failed.
+    pub what: &'static str,
+    /// The host error.
+    #[source]
+    pub source: io::Error,
+}
+
 /// What a device model does behind a transport.
 pub trait VirtioDevice: Send + fmt::Debug {
     /// Device ID (§5: 2 for block).
@@ -84,7 +117,33 @@ pub trait VirtioDevice: Send + fmt::Debug {
         queue: &mut Queue,
         frames: &GuestFrames,
     ) -> Result<Processed, QueueError>;
-    /// Back to the initial state (the transport resets the queues).
+    /// Starts the device at DRIVER_OK, after its queues passed validation and
+    /// the features were acknowledged. An error puts the device in
+    /// NEEDS_RESET.
+    fn activate(
+        &mut self,
+        _queues: &mut [Queue],
+        _frames: &GuestFrames,
+    ) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    /// The sources to watch now. Consulted only while the device is active,
+    /// after activation and after every call into it.
+    fn event_sources(&self) -> &[EventSource] {
+        &[]
+    }
+    /// Source `token` is readable: at most one batch of work, as for
+    /// [`VirtioDevice::process_queue`]; the transport then interrupts the
+    /// driver for any queue that asks for it.
+    fn process_event(
+        &mut self,
+        _token: u32,
+        _queues: &mut [Queue],
+        _frames: &GuestFrames,
+    ) -> Result<Processed, QueueError> {
+        Ok(Processed::default())
+    }
+    /// Back to the initial state, inactive (the transport resets the queues).
     fn reset(&mut self);
 }
 
@@ -93,4 +152,18 @@ pub trait VirtioDevice: Send + fmt::Debug {
 pub trait Interrupt: Send + Sync + fmt::Debug {
     /// Signals the interrupt.
     fn trigger(&self);
+}
+
+/// Tells the VMM's event loop that a transport's event sources changed
+/// outside it (activation, reset, NEEDS_RESET, a device call from a vCPU).
+pub trait Notifier: Send + Sync + fmt::Debug {
+    /// Wakes the watcher.
+    fn notify(&self);
+}
+
+impl Notifier for EventFd {
+    fn notify(&self) {
+        // Fails only if the counter saturates, when the loop is awake anyway.
+        let _ = self.write(1);
+    }
 }
