@@ -19,12 +19,15 @@ use crate::exit::{ExitLatch, VmExit};
 use crate::irq::IrqFd;
 use crate::pio::{self, COM1_IRQ, SerialDevice};
 use crate::vcpu::{self, Buses, VcpuThreads};
-use crate::virtio::{self, DeviceEvents, DiskConfig};
+use crate::virtio::{self, DeviceEvents, DeviceHandle, Devices, DiskConfig};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
 use crate::x86::mptable;
 use devices::bus::Bus;
 use devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, IoApic};
+use devices::virtio::VirtioDevice;
+use devices::virtio::block::Block;
+use kvm_ioctls::VcpuFd;
 
 /// What to boot and with what.
 #[derive(Clone, Debug)]
@@ -75,60 +78,135 @@ pub enum Error {
 
 /// Boots the VM and runs it until it stops.
 pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
-    let host = host_memory();
-    if config.mem > host {
-        return Err(Error::MemoryTooLarge {
-            requested: config.mem,
-            host,
-        });
-    }
-    let frames = Arc::new(GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?);
-    // Devices first: a bad disk is reported before anything else is built.
-    let devices = virtio::open_disks(&config.disks)?;
-    let slots = virtio::slots(devices.len());
-    let boot_config = BootConfig {
-        kernel: &config.kernel,
-        initrd: config.initrd.as_deref(),
-        cmdline: &config.cmdline,
-        virtio_mmio: &slots,
-        cpus: config.cpus,
-    };
-    let boot = boot::load(&frames, &boot_config)?;
-    let vm = Vm::new(&frames)?;
-    let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
-    let (serial, console) = attach_serial(&vm)?;
-    let mut mmio = Bus::new();
-    let ioapic = IoApic::new(mptable::ioapic_id(config.cpus), Arc::new(vm.routes()));
-    mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, Arc::new(Mutex::new(ioapic)))
-        .map_err(|e| Error::Host("the I/O APIC", io::Error::other(e.to_string())))?;
-    let notifiers = virtio::attach(&vm, &frames, &mut mmio, devices)?;
-    let pio = pio::legacy_bus(serial, &exit)
-        .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
-    let buses = Arc::new(Buses { pio, mmio });
-    let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
+    Vmm::new(config)?.run()
+}
 
-    vcpu::install_kick_handler().map_err(|e| Error::Host("the vCPU kick signal", e))?;
-    install_stop_signals(&exit).map_err(|e| Error::Host("SIGINT/SIGTERM handlers", e))?;
-    let _terminal = RawTerminal::enter();
+/// A VM built from a [`VmConfig`] and ready to run: the KVM VM, its vCPUs,
+/// buses and devices, the console and the stop latch. Fields drop in
+/// declaration order: devices and the VM before guest RAM.
+#[derive(Debug)]
+pub struct Vmm {
+    vcpus: Vec<VcpuFd>,
+    buses: Arc<Buses>,
+    console: ConsoleInput,
+    device_events: Vec<DeviceEvents>,
+    devices: Devices,
+    exit: Arc<ExitLatch>,
+    vm: Vm,
+    frames: Arc<GuestFrames>,
+}
 
-    let mut threads = VcpuThreads::default();
-    let mut spawn_error = None;
-    for (index, fd) in vcpus.into_iter().enumerate() {
-        if let Err(e) = threads.spawn(fd, index as u8, buses.clone(), exit.clone()) {
-            spawn_error = Some(Error::Host("a vCPU thread", e));
-            break;
+impl Vmm {
+    /// Checks the configuration, opens every file, loads the kernel and
+    /// builds the VM; nothing runs yet.
+    pub fn new(config: &VmConfig) -> Result<Self, Error> {
+        let host = host_memory();
+        if config.mem > host {
+            return Err(Error::MemoryTooLarge {
+                requested: config.mem,
+                host,
+            });
         }
+        let frames =
+            Arc::new(GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?);
+        // Devices first: a bad disk is reported before anything else is built.
+        let blocks = virtio::open_disks(&config.disks)?;
+        let block_metrics: Vec<_> = blocks.iter().map(Block::metrics).collect();
+        let virtio_devices: Vec<Box<dyn VirtioDevice>> = blocks
+            .into_iter()
+            .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+            .collect();
+        let slots = virtio::slots(virtio_devices.len());
+        let boot_config = BootConfig {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            virtio_mmio: &slots,
+            cpus: config.cpus,
+        };
+        let boot = boot::load(&frames, &boot_config)?;
+        let vm = Vm::new(&frames)?;
+        let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
+        let (serial, console) = attach_serial(&vm)?;
+        let mut mmio = Bus::new();
+        let ioapic = IoApic::new(mptable::ioapic_id(config.cpus), Arc::new(vm.routes()));
+        mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, Arc::new(Mutex::new(ioapic)))
+            .map_err(|e| Error::Host("the I/O APIC", io::Error::other(e.to_string())))?;
+        let attached = virtio::attach(&vm, &frames, &mut mmio, virtio_devices)?;
+        let mut devices = Devices::default();
+        let mut device_events = Vec::with_capacity(attached.len());
+        for (index, a) in attached.into_iter().enumerate() {
+            devices.blocks.push(DeviceHandle {
+                index,
+                transport: a.transport,
+                metrics: block_metrics[index].clone(),
+            });
+            device_events.push(a.events);
+        }
+        let pio = pio::legacy_bus(serial, &exit)
+            .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
+        let buses = Arc::new(Buses { pio, mmio });
+        let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
+        Ok(Vmm {
+            vcpus,
+            buses,
+            console,
+            device_events,
+            devices,
+            exit,
+            vm,
+            frames,
+        })
     }
-    let loop_result = match spawn_error {
-        None => event_loop(&exit, console, notifiers),
-        Some(e) => Err(e),
-    };
-    // Every path stops and joins every vCPU before returning.
-    exit.stop(VmExit::Signal(0));
-    threads.join();
-    loop_result?;
-    // Locals drop in reverse order: devices and the VM before guest RAM.
-    Ok(exit.reason().expect("stop recorded a reason"))
+
+    /// The VM's devices, by type.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    /// Guest RAM.
+    pub fn frames(&self) -> &Arc<GuestFrames> {
+        &self.frames
+    }
+
+    /// Runs the vCPUs and the event loop until the VM stops; every path
+    /// stops and joins every vCPU thread and restores the terminal.
+    pub fn run(self) -> Result<VmExit, Error> {
+        let Vmm {
+            vcpus,
+            buses,
+            console,
+            device_events,
+            devices,
+            exit,
+            vm,
+            frames,
+        } = self;
+        vcpu::install_kick_handler().map_err(|e| Error::Host("the vCPU kick signal", e))?;
+        install_stop_signals(&exit).map_err(|e| Error::Host("SIGINT/SIGTERM handlers", e))?;
+        let _terminal = RawTerminal::enter();
+
+        let mut threads = VcpuThreads::default();
+        let mut spawn_error = None;
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            if let Err(e) = threads.spawn(fd, index as u8, buses.clone(), exit.clone()) {
+                spawn_error = Some(Error::Host("a vCPU thread", e));
+                break;
+            }
+        }
+        let loop_result = match spawn_error {
+            None => event_loop(&exit, console, device_events),
+            Some(e) => Err(e),
+        };
+        // Every path stops and joins every vCPU before returning.
+        exit.stop(VmExit::Signal(0));
+        threads.join();
+        loop_result?;
+        // Devices and the VM go before guest RAM.
+        drop((buses, devices, vm));
+        drop(frames);
+        Ok(exit.reason().expect("stop recorded a reason"))
+    }
 }
 
 /// Physical memory of the host in bytes (u64::MAX if unknown).

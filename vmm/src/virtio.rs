@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::disk::RawFile;
-use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
 use devices::virtio::{EventSource, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -88,7 +88,7 @@ pub fn slots(count: usize) -> Vec<(u64, u64, u32)> {
 }
 
 /// Opens every disk (before KVM is touched, so a bad disk is reported first).
-pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
+pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<Block>, Error> {
     if disks.len() > MAX_DEVICES {
         return Err(Error::TooManyDevices(disks.len()));
     }
@@ -100,21 +100,52 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<Box<dyn VirtioDevice>>, Er
                 read_only: d.read_only,
                 serial: d.serial.clone(),
             };
-            let block = Block::new(Box::new(file), config)?;
-            Ok(Box::new(block) as Box<dyn VirtioDevice>)
+            Ok(Block::new(Box::new(file), config)?)
         })
         .collect()
 }
 
+/// A device of a running VM, as the VMM (metrics, later an API and
+/// snapshots) reaches it: its slot, its transport and its own counters, of
+/// the device's type, so nothing needs a downcast.
+#[derive(Debug)]
+pub struct DeviceHandle<M> {
+    /// Its virtio-mmio slot ([`slot`]).
+    pub index: usize,
+    /// The transport, shared with the MMIO bus and the event loop.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The device's counters.
+    pub metrics: Arc<M>,
+}
+
+/// The virtio devices of a VM, by type, in slot order within each type.
+#[derive(Debug, Default)]
+pub struct Devices {
+    /// virtio-blk, one per `--disk`.
+    pub blocks: Vec<DeviceHandle<BlockMetrics>>,
+}
+
+/// A device put on the bus: its transport and its event-loop side.
+#[derive(Debug)]
+pub struct Attached {
+    /// The transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// What the event loop watches for it.
+    pub events: DeviceEvents,
+}
+
 /// Puts each device on the MMIO bus at its slot, with an irqfd for its
-/// interrupt and an ioeventfd per queue. Returns the event-loop side.
+/// interrupt and an ioeventfd per queue, in slot order.
 pub fn attach(
     vm: &Vm,
     frames: &Arc<GuestFrames>,
     bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<Vec<DeviceEvents>, Error> {
-    let mut notifiers = Vec::with_capacity(devices.len());
+) -> Result<Vec<Attached>, Error> {
+    if devices.len() > MAX_DEVICES {
+        return Err(Error::TooManyDevices(devices.len()));
+    }
+    let mut attached = Vec::with_capacity(devices.len());
     for (index, device) in devices.into_iter().enumerate() {
         let (base, irq) = slot(index);
         let irqfd = IrqFd::new(vm, irq)?;
@@ -136,9 +167,10 @@ pub fn attach(
         bus.insert(base, MMIO_SIZE, transport.clone())
             .map_err(|e| Error::Bus(base, e))?;
         log::info!("virtio device {index} at {base:#x}, IRQ {irq}, {queues} queue(s)");
-        notifiers.push(DeviceEvents::new(transport, events)?);
+        let events = DeviceEvents::new(transport.clone(), events)?;
+        attached.push(Attached { transport, events });
     }
-    Ok(notifiers)
+    Ok(attached)
 }
 
 /// Event data of a device's wake event (its sources changed elsewhere).
