@@ -31,6 +31,20 @@ enum Direction {
 }
 
 impl GuestFrames {
+    /// The iovec of `len` bytes of guest RAM at `addr`, if they lie in one
+    /// mapped region. Its pointer is valid for as long as `self`.
+    pub(crate) fn iovec(&self, addr: GuestAddress, len: usize) -> Option<libc::iovec> {
+        let slice = self.slice(addr, len)?;
+        // The guard only carries vm-memory's dirty bitmap, which GuestFrames'
+        // regions do not have (they keep their own log); the pointer is valid
+        // for as long as the region.
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        Some(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        })
+    }
+
     /// Reads from `file` at `offset` into the guest memory `segments`, in order,
     /// until they are full or the file ends. Returns the bytes read; the frames
     /// written are marked dirty.
@@ -99,17 +113,10 @@ impl GuestFrames {
                 let (addr, len) = segments[i];
                 let start = if i == seg { skip } else { 0 };
                 if len > start {
-                    let slice = self
-                        .slice(GuestAddress(addr.0 + start as u64), len - start)
+                    let iov = self
+                        .iovec(GuestAddress(addr.0 + start as u64), len - start)
                         .ok_or_else(|| invalid(addr, len))?;
-                    // The guard only carries vm-memory's dirty bitmap, which
-                    // GuestFrames' regions do not have (they keep their own
-                    // log); the pointer is valid for as long as the region.
-                    let ptr = slice.ptr_guard_mut().as_ptr();
-                    iovs[count].write(libc::iovec {
-                        iov_base: ptr.cast(),
-                        iov_len: len - start,
-                    });
+                    iovs[count].write(iov);
                     count += 1;
                 }
                 i += 1;

@@ -32,6 +32,8 @@ pub mod guest;
 pub mod io;
 #[cfg(feature = "std")]
 pub mod layout;
+#[cfg(feature = "std")]
+pub mod packet;
 #[cfg(test)]
 mod test_util;
 #[cfg(feature = "std")]
