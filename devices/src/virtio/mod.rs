@@ -28,6 +28,7 @@ pub mod chain;
 pub mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod net;
 pub mod queue;
 
 use std::fmt;

@@ -1,0 +1,154 @@
+//! The transmit queue (virtio 1.2 §5.1.6.2): each chain is a header and a
+//! frame, device-readable only. The header is copied out of guest memory
+//! first and checked on the copy (the guest may rewrite its buffer while the
+//! device reads it); the backend gets the copy and the frame's guest bytes
+//! in one write.
+//!
+//! Checks (§5.1.6.2.1, and what a TAP would act on):
+//! - flags: only NEEDS_CSUM, and only with VIRTIO_NET_F_CSUM; its
+//!   `csum_start + csum_offset + 2` inside the frame;
+//! - gso_type: NONE, or TCPV4 / TCPV6 / UDP with HOST_TSO4 / HOST_TSO6 /
+//!   HOST_UFO negotiated, with NEEDS_CSUM, a non-zero `gso_size` and
+//!   `hdr_len` inside the frame; the ECN bit never (HOST_ECN is not offered).
+//!
+//! `num_buffers` is ignored (the driver sets it to 0).
+
+use memory::GuestFrames;
+use virtio_bindings::virtio_net::*;
+use vm_memory::GuestAddress;
+
+use super::{HEADER_SIZE, Net, add, bump};
+use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, Processed, Queue, QueueError};
+
+/// Why a transmit header was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum HeaderError {
+    /// Flags other than NEEDS_CSUM, or it without VIRTIO_NET_F_CSUM.
+    Flags(u8),
+    /// The checksum offsets outside the frame.
+    Checksum,
+    /// A GSO type that was not negotiated (or is unknown).
+    GsoType(u8),
+    /// GSO without NEEDS_CSUM, a zero segment size or headers past the frame.
+    Gso,
+}
+
+/// Checks the copy `h` of a transmit header for a frame of `frame_len`
+/// bytes, with features `acked`.
+pub(super) fn check_header(
+    h: &[u8; HEADER_SIZE],
+    frame_len: usize,
+    acked: u64,
+) -> Result<(), HeaderError> {
+    let has = |bit: u32| acked & (1 << bit) != 0;
+    let word = |at: usize| usize::from(u16::from_le_bytes([h[at], h[at + 1]]));
+    let (flags, gso_type) = (h[0], h[1]);
+    let (hdr_len, gso_size) = (word(2), word(4));
+    let (csum_start, csum_offset) = (word(6), word(8));
+    let needs_csum = u32::from(flags) == VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    if (flags != 0 && !needs_csum) || (needs_csum && !has(VIRTIO_NET_F_CSUM)) {
+        return Err(HeaderError::Flags(flags));
+    }
+    if needs_csum && csum_start + csum_offset + 2 > frame_len {
+        return Err(HeaderError::Checksum);
+    }
+    let feature = match u32::from(gso_type) {
+        VIRTIO_NET_HDR_GSO_NONE => return Ok(()),
+        VIRTIO_NET_HDR_GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_HDR_GSO_UDP => VIRTIO_NET_F_HOST_UFO,
+        _ => return Err(HeaderError::GsoType(gso_type)),
+    };
+    if !has(feature) {
+        return Err(HeaderError::GsoType(gso_type));
+    }
+    if !needs_csum || gso_size == 0 || hdr_len > frame_len {
+        return Err(HeaderError::Gso);
+    }
+    Ok(())
+}
+
+/// The transmit side's scratch state.
+#[derive(Debug, Default)]
+pub(super) struct Tx {
+    segments: Vec<(GuestAddress, usize)>,
+}
+
+impl Net {
+    /// Sends at most one batch of the guest's frames.
+    pub(super) fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        frames: &GuestFrames,
+    ) -> Result<Processed, QueueError> {
+        let mut done = Processed::default();
+        let (mut chains, mut bytes) = (0, 0u64);
+        loop {
+            if chains >= BATCH_CHAINS || bytes >= BATCH_BYTES {
+                done.more = queue.has_available(frames)?;
+                return Ok(done);
+            }
+            chains += 1;
+            let chain = match queue.pop(frames) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => return Ok(done),
+                Err(QueueError::BadChain { .. }) => {
+                    bump(&self.metrics.bad_chain);
+                    done.used = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            bytes += self.send(&chain, frames);
+            // Nothing is written to a transmit buffer: used length 0.
+            queue.add_used(frames, chain, 0)?;
+            done.used = true;
+        }
+    }
+
+    /// Sends one chain's frame, or drops and counts it; returns the frame's
+    /// bytes sent.
+    fn send(&mut self, chain: &crate::virtio::DescriptorChain, frames: &GuestFrames) -> u64 {
+        if chain.writable_len() > 0 {
+            bump(&self.metrics.tx_bad_layout);
+            self.log_once(
+                0,
+                format_args!("transmit chain with device-writable buffers"),
+            );
+            return 0;
+        }
+        let len = chain.readable_len() as usize;
+        if len < HEADER_SIZE {
+            bump(&self.metrics.tx_short);
+            self.log_once(
+                1,
+                format_args!("transmit chain of {len} bytes, shorter than its header"),
+            );
+            return 0;
+        }
+        let mut reader = chain.reader();
+        let mut header = [0u8; HEADER_SIZE];
+        // The chain holds `len` >= HEADER_SIZE readable bytes.
+        let _ = reader.read_exact(frames, &mut header);
+        let frame_len = len - HEADER_SIZE;
+        if let Err(e) = check_header(&header, frame_len, self.acked) {
+            bump(&self.metrics.tx_bad_header);
+            self.log_once(2, format_args!("transmit header refused: {e:?}"));
+            return 0;
+        }
+        self.tx.segments.clear();
+        let _ = reader.take_segments(frame_len as u64, &mut self.tx.segments);
+        match self.backend.write_frame(frames, &header, &self.tx.segments) {
+            Ok(_) => {
+                bump(&self.metrics.tx_packets);
+                add(&self.metrics.tx_bytes, frame_len as u64);
+                frame_len as u64
+            }
+            Err(e) => {
+                bump(&self.metrics.tap_write_errors);
+                self.log_once(3, format_args!("TAP write failed: {e}"));
+                0
+            }
+        }
+    }
+}
