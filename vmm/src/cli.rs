@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::virtio::DiskConfig;
+use crate::virtio::{DiskConfig, NetSpec, TapSpec};
 use crate::x86::cpuid::CpuTemplate;
 use crate::x86::mptable::MAX_CPUS;
 
@@ -50,6 +50,13 @@ pub struct Cli {
     /// (at most 20 bytes). Repeat for more disks.
     #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
+
+    /// A virtio-net device on a TAP: `tap=NAME` (an existing TAP interface) or
+    /// `fd=N` (an open TAP descriptor), optionally `,mac=XX:XX:XX:XX:XX:XX`
+    /// (default: random, locally administered) and `,mtu=N` (68 to 65518,
+    /// default 1500). Repeat for more devices.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC][,mtu=N]", value_parser = parse_net)]
+    pub nets: Vec<NetSpec>,
 
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
@@ -125,6 +132,68 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(disk)
 }
 
+/// Parses `tap=NAME|fd=N[,mac=MAC][,mtu=N]`.
+pub fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let mut parts = s.split(',');
+    let tap = match parts.next().and_then(|p| p.split_once('=')) {
+        Some(("tap", name)) if !name.is_empty() => TapSpec::Name(name.to_owned()),
+        Some(("fd", n)) => TapSpec::Fd(
+            n.parse()
+                .map_err(|_| format!("`{n}` is not a file descriptor number"))?,
+        ),
+        _ => return Err("a network device starts with tap=NAME or fd=N".to_owned()),
+    };
+    let mut net = NetSpec {
+        tap,
+        mac: None,
+        mtu: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", mac)) if net.mac.is_none() => net.mac = Some(parse_mac(mac)?),
+            Some(("mtu", mtu)) if net.mtu.is_none() => {
+                let range = devices::virtio::net::MTU_RANGE;
+                let mtu: u16 = mtu
+                    .parse()
+                    .ok()
+                    .filter(|m| range.contains(m))
+                    .ok_or_else(|| {
+                        format!(
+                            "mtu `{mtu}` is not a number from {} to {}",
+                            range.start(),
+                            range.end()
+                        )
+                    })?;
+                net.mtu = Some(mtu);
+            }
+            _ => {
+                return Err(format!(
+                    "unknown or repeated network option `{option}` (expected mac=MAC or mtu=N)"
+                ));
+            }
+        }
+    }
+    Ok(net)
+}
+
+/// Parses a unicast MAC address `XX:XX:XX:XX:XX:XX`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("`{s}` is not a MAC address such as 02:00:00:00:00:01");
+    let mut mac = [0u8; 6];
+    let mut octets = s.split(':');
+    for byte in &mut mac {
+        let octet = octets.next().filter(|o| o.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(octet, 16).map_err(|_| bad())?;
+    }
+    if octets.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("`{s}` is a multicast address, not a device's"));
+    }
+    Ok(mac)
+}
+
 /// Parses a log level name (case-insensitive).
 pub fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -158,6 +227,40 @@ mod tests {
             "a.img,,ro",
         ] {
             assert!(parse_disk(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn parse_net_accepts_tap_or_fd_with_mac_and_mtu() {
+        let n = parse_net("tap=tap0,mac=02:ab:CD:00:00:01,mtu=9000").unwrap();
+        assert_eq!(n.tap, TapSpec::Name("tap0".into()));
+        assert_eq!(n.mac, Some([2, 0xab, 0xcd, 0, 0, 1]));
+        assert_eq!(n.mtu, Some(9000));
+        let n = parse_net("fd=7").unwrap();
+        assert_eq!((n.tap, n.mac, n.mtu), (TapSpec::Fd(7), None, None));
+    }
+
+    #[test]
+    fn parse_net_rejects_bad_options() {
+        for bad in [
+            "",
+            "tap0",
+            "tap=",
+            "fd=x",
+            "fd=",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,mac=02:00:00:00:00:00:00",
+            "tap=t,mac=02-00-00-00-00-01",
+            "tap=t,mac=0g:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mtu=67",
+            "tap=t,mtu=65519",
+            "tap=t,mtu=big",
+            "tap=t,mtu=1500,mtu=1400",
+            "tap=t,speed=10",
+            "mac=02:00:00:00:00:01",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad} accepted");
         }
     }
 

@@ -11,6 +11,7 @@ pub mod irq;
 pub mod logger;
 pub mod pio;
 pub mod run;
+pub mod tap;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         cpus: cli.cpus,
         template: cli.cpu_template,
         disks: cli.disks.clone(),
+        nets: cli.nets.clone(),
     };
     match run::run(&config) {
         Ok(exit) => {

@@ -19,7 +19,7 @@ use crate::exit::{ExitLatch, VmExit};
 use crate::irq::IrqFd;
 use crate::pio::{self, COM1_IRQ, SerialDevice};
 use crate::vcpu::{self, Buses, VcpuThreads};
-use crate::virtio::{self, DeviceEvents, DeviceHandle, Devices, DiskConfig};
+use crate::virtio::{self, DeviceEvents, DeviceHandle, Devices, DiskConfig, NetSpec};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
 use crate::x86::mptable;
@@ -27,6 +27,7 @@ use devices::bus::Bus;
 use devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, IoApic};
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use kvm_ioctls::VcpuFd;
 
 /// What to boot and with what.
@@ -46,6 +47,8 @@ pub struct VmConfig {
     pub template: CpuTemplate,
     /// virtio-blk disks, in order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in order (after the disks).
+    pub nets: Vec<NetSpec>,
 }
 
 /// Errors building or running the VM.
@@ -109,12 +112,19 @@ impl Vmm {
         }
         let frames =
             Arc::new(GuestFrames::new(config.mem, Backing::Anonymous).map_err(Error::Memory)?);
-        // Devices first: a bad disk is reported before anything else is built.
+        // Devices first: a bad disk or TAP is reported before anything else
+        // is built. Disks take the first slots, then the network devices.
         let blocks = virtio::open_disks(&config.disks)?;
+        let nets = virtio::open_nets(&config.nets)?;
         let block_metrics: Vec<_> = blocks.iter().map(Block::metrics).collect();
+        let net_metrics: Vec<_> = nets.iter().map(Net::metrics).collect();
         let virtio_devices: Vec<Box<dyn VirtioDevice>> = blocks
             .into_iter()
             .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+            .chain(
+                nets.into_iter()
+                    .map(|n| Box::new(n) as Box<dyn VirtioDevice>),
+            )
             .collect();
         let slots = virtio::slots(virtio_devices.len());
         let boot_config = BootConfig {
@@ -136,11 +146,19 @@ impl Vmm {
         let mut devices = Devices::default();
         let mut device_events = Vec::with_capacity(attached.len());
         for (index, a) in attached.into_iter().enumerate() {
-            devices.blocks.push(DeviceHandle {
-                index,
-                transport: a.transport,
-                metrics: block_metrics[index].clone(),
-            });
+            let transport = a.transport;
+            match block_metrics.get(index) {
+                Some(metrics) => devices.blocks.push(DeviceHandle {
+                    index,
+                    transport,
+                    metrics: metrics.clone(),
+                }),
+                None => devices.nets.push(DeviceHandle {
+                    index,
+                    transport,
+                    metrics: net_metrics[index - block_metrics.len()].clone(),
+                }),
+            }
             device_events.push(a.events);
         }
         let pio = pio::legacy_bus(serial, &exit)

@@ -14,6 +14,7 @@ use devices::bus::Bus;
 use devices::disk::RawFile;
 use devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
+use devices::virtio::net::{DEFAULT_MTU, Net, NetConfig, NetMetrics};
 use devices::virtio::{EventSource, VirtioDevice};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::IoEventAddress;
@@ -22,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::irq::IrqFd;
+use crate::tap::Tap;
 use crate::vm::{self, Vm};
 
 /// First virtio-mmio device window, in the MMIO hole below the I/O APIC.
@@ -42,6 +44,26 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
+/// Where a `--net` device's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSpec {
+    /// A TAP interface, by name.
+    Name(String),
+    /// An already-open TAP descriptor passed to minivmm.
+    Fd(i32),
+}
+
+/// A `--net` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The TAP.
+    pub tap: TapSpec,
+    /// The guest's MAC address (default: a random locally administered one).
+    pub mac: Option<[u8; 6]>,
+    /// The MTU offered to the guest (default 1500).
+    pub mtu: Option<u16>,
+}
+
 /// Errors setting up virtio devices.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,6 +76,12 @@ pub enum Error {
     /// The block device rejected its configuration.
     #[error(transparent)]
     Block(#[from] devices::virtio::block::BlockError),
+    /// A TAP cannot be used.
+    #[error(transparent)]
+    Tap(#[from] crate::tap::TapError),
+    /// The same descriptor passed for two devices.
+    #[error("fd {0} is given to more than one --net")]
+    DuplicateFd(i32),
     /// The MMIO bus refused the device window.
     #[error("Cannot place a virtio device at {0:#x}")]
     Bus(u64, #[source] devices::bus::BusError),
@@ -105,6 +133,48 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<Block>, Error> {
         .collect()
 }
 
+/// Opens every TAP (before KVM is touched, like the disks).
+pub fn open_nets(nets: &[NetSpec]) -> Result<Vec<Net>, Error> {
+    if nets.len() > MAX_DEVICES {
+        return Err(Error::TooManyDevices(nets.len()));
+    }
+    for (i, a) in nets.iter().enumerate() {
+        if let TapSpec::Fd(fd) = a.tap
+            && nets[..i].iter().any(|b| b.tap == TapSpec::Fd(fd))
+        {
+            return Err(Error::DuplicateFd(fd));
+        }
+    }
+    nets.iter()
+        .map(|n| {
+            let tap = match &n.tap {
+                TapSpec::Name(name) => Tap::open(name)?,
+                TapSpec::Fd(fd) => Tap::from_fd(*fd)?,
+            };
+            let config = NetConfig {
+                mac: n.mac.unwrap_or_else(random_mac),
+                mtu: n.mtu.unwrap_or(DEFAULT_MTU),
+            };
+            log::info!("virtio-net on TAP {}", tap.name());
+            Ok(Net::new(Box::new(tap), config))
+        })
+        .collect()
+}
+
+/// A random locally administered unicast MAC address (std's hasher keys
+/// come from the OS's randomness).
+pub fn random_mac() -> [u8; 6] {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .to_le_bytes();
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&bits[..6]);
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
+}
+
 /// A device of a running VM, as the VMM (metrics, later an API and
 /// snapshots) reaches it: its slot, its transport and its own counters, of
 /// the device's type, so nothing needs a downcast.
@@ -123,6 +193,8 @@ pub struct DeviceHandle<M> {
 pub struct Devices {
     /// virtio-blk, one per `--disk`.
     pub blocks: Vec<DeviceHandle<BlockMetrics>>,
+    /// virtio-net, one per `--net`, in the slots after the disks.
+    pub nets: Vec<DeviceHandle<NetMetrics>>,
 }
 
 /// A device put on the bus: its transport and its event-loop side.
