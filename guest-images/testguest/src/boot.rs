@@ -6,7 +6,8 @@
 //! zeroes the bss, loads its own GDT, identity-maps the first 4 GiB with 2 MiB
 //! pages (PML4 + PDPT + four page directories, all in the bss), enables PAE,
 //! EFER.LME and paging, far-jumps to 64-bit code and calls [`crate::kmain`] with
-//! the `hvm_start_info` address on a 64 KiB bss stack.
+//! the `hvm_start_info` address on a 256 KiB bss stack (the network driver keeps two queues and its
+//! frame buffers on it).
 //!
 //! The note (`XEN_ELFNOTE_PHYS32_ENTRY`, type 18, name "Xen") holds the entry as
 //! a 4-byte `.long`. linux-loader 0.14 accepts any `descsz >= 4` and reads 4
@@ -137,7 +138,7 @@ boot_pd:
     .skip 4 * 4096
     .balign 16
 boot_stack_bottom:
-    .skip 64 * 1024
+    .skip 256 * 1024
 boot_stack_top:
     "#,
     kmain = sym crate::kmain,

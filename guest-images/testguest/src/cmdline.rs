@@ -11,6 +11,9 @@
 //!   the VMM stops the guest (tests of SIGTERM handling).
 //! - `testguest.blk=none|read|write`: what the block self-test does with each
 //!   virtio-blk device (`blk.rs`; default `read`).
+//! - `testguest.net=ip=A.B.C.D/N,peer=A.B.C.D,port=N[,serve=S]`: the network
+//!   self-test's addresses (`net.rs`); without it network devices are left
+//!   alone.
 //! - `testguest.check=full`: run the O(frames) allocator consistency check
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
 //!
@@ -18,6 +21,7 @@
 
 use crate::blk::Mode;
 use crate::log;
+use crate::netstack::{self, Config};
 
 /// What the guest does after its report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,6 +48,8 @@ pub struct Options {
     pub full_check: bool,
     /// The block self-test's mode.
     pub blk: Mode,
+    /// The network self-test's addresses.
+    pub net: Option<Config>,
 }
 
 const PREFIX: &str = "testguest.";
@@ -66,6 +72,10 @@ pub fn parse(cmdline: &str) -> Options {
             ("blk", "none") => options.blk = Mode::None,
             ("blk", "read") => options.blk = Mode::Read,
             ("blk", "write") => options.blk = Mode::Write,
+            ("net", v) => match netstack::parse_config(v) {
+                Ok(c) => options.net = Some(c),
+                Err(why) => log!("warning: ignoring {word}: {why}"),
+            },
             _ => log!("warning: ignoring unknown option {word}"),
         }
     }

@@ -453,6 +453,54 @@ impl<D: Streaming> DmaBuf<'_, D> {
     }
 }
 
+impl DmaBuf<'_, Coherent> {
+    /// `[offset, offset + len)` as a descriptor segment the device reads or
+    /// writes as `device_writes` says: for a pool that carves this buffer
+    /// into packet buffers of its own (`netpool`), which tracks each piece's
+    /// direction and ownership itself.
+    pub fn carve(&self, offset: usize, len: usize, device_writes: bool) -> Result<Segment<'_>, DmaError> {
+        self.check(offset, len)?;
+        let len = u32::try_from(len).map_err(|_| DmaError::OutOfRange {
+            offset,
+            len,
+            size: self.len,
+        })?;
+        Ok(Segment {
+            addr: self.addr + offset as u64,
+            len,
+            device_writes,
+            slot: self.slot,
+            _buffer: PhantomData,
+        })
+    }
+
+    /// Copies `data` into the buffer at `offset` (for a carving pool).
+    pub fn copy_in(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
+        let p = self.check(offset, data.len())?;
+        // SAFETY: `check` put the range inside the buffer, identity mapped;
+        // the carving pool writes only pieces the device does not hold.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from `offset` (for a carving pool).
+    pub fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<(), DmaError> {
+        let p = self.check(offset, out.len())?;
+        // SAFETY: inside the buffer; the carving pool reads only pieces the
+        // device has given back (after an acquire fence).
+        unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Zeroes `[offset, offset + len)` (for a carving pool).
+    pub fn zero(&self, offset: usize, len: usize) -> Result<(), DmaError> {
+        let p = self.check(offset, len)?;
+        // SAFETY: as for `copy_in`.
+        unsafe { core::ptr::write_bytes(p, 0, len) };
+        Ok(())
+    }
+}
+
 impl<D: CpuWrites + Streaming> DmaBuf<'_, D> {
     /// Sets `[offset, offset + len)` to `byte(i)` for each index `i` from
     /// `offset`. Fails while the device holds the buffer.

@@ -2,7 +2,9 @@
 //! line, interrupts, the DMA pool, the block self-test on each block device,
 //! and a final check that every DMA buffer went back to the allocator.
 
-use crate::blk::{self, Mode, VIRTIO_ID_BLOCK};
+use crate::blk::{self, VIRTIO_ID_BLOCK};
+use crate::cmdline::Options;
+use crate::net::{self, VIRTIO_ID_NET};
 use crate::dma::{DmaError, DmaPool, ToDevice};
 use crate::irq;
 use crate::log;
@@ -15,7 +17,7 @@ pub const DMA_BUDGET_FRAMES: u64 = 256;
 
 /// Runs the device self-tests on `cmdline`'s devices with the allocator
 /// (which the DMA pool takes over); returns whether all passed.
-pub fn run(alloc: Allocator, cmdline: &str, mode: Mode) -> bool {
+pub fn run(alloc: Allocator, cmdline: &str, options: &Options) -> bool {
     let mut pass = true;
     let found = virtio_mmio::discover(cmdline, |word, why| {
         log!("error: {word}: {why}");
@@ -41,7 +43,7 @@ pub fn run(alloc: Allocator, cmdline: &str, mode: Mode) -> bool {
     };
     let pool = DmaPool::new(alloc, DMA_BUDGET_FRAMES);
     let start = pool.allocator_stats();
-    let mut blocks = 0;
+    let (mut blocks, mut nets) = (0, 0);
     for (k, w) in found.windows().iter().enumerate() {
         let dev = match MmioDevice::probe(*w) {
             Ok(dev) => dev,
@@ -51,6 +53,19 @@ pub fn run(alloc: Allocator, cmdline: &str, mode: Mode) -> bool {
                 continue;
             }
         };
+        if dev.device_id() == VIRTIO_ID_NET {
+            log!("virtio{k}: 0x{:x} irq {}: network, version 2", w.base, w.irq);
+            let n = nets;
+            nets += 1;
+            match controllers.route(w.irq) {
+                Ok(line) => pass &= net::selftest(n, dev, &pool, line, options.net),
+                Err(e) => {
+                    log!("net{n}: FAIL {e}");
+                    pass = false;
+                }
+            }
+            continue;
+        }
         if dev.device_id() != VIRTIO_ID_BLOCK {
             log!(
                 "virtio{k}: 0x{:x} irq {}: device id {}, no driver",
@@ -64,7 +79,7 @@ pub fn run(alloc: Allocator, cmdline: &str, mode: Mode) -> bool {
         let n = blocks;
         blocks += 1;
         match controllers.route(w.irq) {
-            Ok(line) => pass &= blk::selftest(n, dev, &pool, line, mode),
+            Ok(line) => pass &= blk::selftest(n, dev, &pool, line, options.blk),
             Err(e) => {
                 log!("blk{n}: FAIL {e}");
                 pass = false;

@@ -23,6 +23,9 @@ mod dma;
 mod drivers;
 mod idt;
 mod irq;
+mod net;
+mod netpool;
+mod netstack;
 mod paging;
 mod ram;
 mod selftest;
@@ -147,7 +150,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     );
 
     let pass = selftest::run(&mut setup, &options);
-    let pass = drivers::run(setup.alloc, info.cmdline(), options.blk) && pass;
+    let pass = drivers::run(setup.alloc, info.cmdline(), &options) && pass;
     log!("selftest: {}", if pass { "PASS" } else { "FAIL" });
     let verdict = if pass { EXIT_SUCCESS } else { EXIT_FAILURE };
     match options.action {

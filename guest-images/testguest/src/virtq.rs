@@ -425,6 +425,43 @@ impl<'p> Virtqueue<'p> {
         Ok(done)
     }
 
+    /// The next used entry, in the device's order, as `(head, used length)`;
+    /// its chain is retired (descriptors free, buffer references returned).
+    /// For queues whose chains complete out of submission order (network).
+    pub fn take_used(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        let used_idx = self.ring.load_u16(self.used_offset + 2);
+        // The entries after the index that published them.
+        fence(Ordering::Acquire);
+        let n = usize::from(self.size);
+        if self.last_used == used_idx {
+            if self.event_idx {
+                // Interrupt on the next entry, then look again (one may have
+                // arrived before the device saw used_event).
+                let used_event = self.avail_offset + 4 + 2 * n;
+                self.ring.store_u16(used_event, self.last_used);
+                fence(Ordering::SeqCst);
+                if self.ring.load_u16(self.used_offset + 2) != self.last_used {
+                    return self.take_used();
+                }
+            }
+            return Ok(None);
+        }
+        let at = self.used_offset + 4 + 8 * (usize::from(self.last_used) % n);
+        let (id, len) = (self.ring.load_u32(at), self.ring.load_u32(at + 4));
+        self.last_used = self.last_used.wrapping_add(1);
+        let head = u16::try_from(id)
+            .ok()
+            .filter(|&h| self.chains.get(usize::from(h)).is_some_and(Option::is_some))
+            .ok_or(QueueError::BadUsedId(id))?;
+        self.retire(head);
+        Ok(Some((head, len)))
+    }
+
+    /// Free descriptors.
+    pub fn free_descriptors(&self) -> u16 {
+        self.free
+    }
+
     /// Returns a chain's descriptors to the free list and its buffers' pool
     /// references.
     fn retire(&mut self, head: u16) {
