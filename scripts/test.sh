@@ -11,6 +11,16 @@ cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# The network tests' peers: the system's own ping and ip (Debian's packages).
+if ! command -v ping >/dev/null || ! command -v ip >/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        echo "installing iputils-ping and iproute2 for the network tests"
+        apt-get update >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y iputils-ping iproute2 >/dev/null
+    else
+        echo "network tests will skip: ping or ip missing (apt-get install iputils-ping iproute2 as root)"
+    fi
+fi
 # The frame allocator's core must stay no_std for the guest kernel.
 cargo build -p memory --no-default-features
 # What the integration tests run: the test guest kernel and the minivmm binary
@@ -32,6 +42,10 @@ if [ -c /dev/kvm ] || [ "${MINIVMM_REQUIRE_KVM:-}" = 1 ]; then
     grep -q "testguest: blk0: read back: ok" <<<"$out"
     grep -q "testguest: blk0: PASS" <<<"$out"
     grep -q "testguest: selftest: PASS" <<<"$out"
+    if [ "$(id -u)" -eq 0 ] && [ -c /dev/net/tun ]; then
+        grep -E "testguest: net0" <<<"$out"
+        grep -q "testguest: net0: PASS" <<<"$out"
+    fi
 else
     echo "SKIPPED scripts/run.sh: /dev/kvm is not usable"
 fi

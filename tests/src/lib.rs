@@ -252,6 +252,16 @@ impl Running {
         }
     }
 
+    /// The console output so far.
+    pub fn stdout_now(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for the process to exit; returns whether it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -220,6 +220,7 @@ impl Vmm {
         exit.stop(VmExit::Signal(0));
         threads.join();
         loop_result?;
+        devices.log_metrics();
         // Devices and the VM go before guest RAM.
         drop((buses, devices, vm));
         drop(frames);

@@ -197,6 +197,18 @@ pub struct Devices {
     pub nets: Vec<DeviceHandle<NetMetrics>>,
 }
 
+impl Devices {
+    /// Logs every device's counters (at info level: at the end of a run).
+    pub fn log_metrics(&self) {
+        for b in &self.blocks {
+            log::info!("virtio-blk in slot {}: {:?}", b.index, b.metrics.snapshot());
+        }
+        for n in &self.nets {
+            log::info!("virtio-net in slot {}: {:?}", n.index, n.metrics.snapshot());
+        }
+    }
+}
+
 /// A device put on the bus: its transport and its event-loop side.
 #[derive(Debug)]
 pub struct Attached {

@@ -12,7 +12,8 @@
 //! - `testguest.blk=none|read|write`: what the block self-test does with each
 //!   virtio-blk device (`blk.rs`; default `read`).
 //! - `testguest.net=ip=A.B.C.D/N,peer=A.B.C.D,port=N[,serve=S]`: the network
-//!   self-test's addresses (`net.rs`); without it network devices are left
+//!   self-test's addresses (`net.rs`); the first occurrence is for net0, the
+//!   next for net1, and so on (at most four); a device without one is left
 //!   alone.
 //! - `testguest.check=full`: run the O(frames) allocator consistency check
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
@@ -48,9 +49,12 @@ pub struct Options {
     pub full_check: bool,
     /// The block self-test's mode.
     pub blk: Mode,
-    /// The network self-test's addresses.
-    pub net: Option<Config>,
+    /// The network self-test's addresses, per network device.
+    pub net: [Option<Config>; MAX_NETS],
 }
+
+/// Network devices the options can configure.
+pub const MAX_NETS: usize = 4;
 
 const PREFIX: &str = "testguest.";
 
@@ -73,7 +77,10 @@ pub fn parse(cmdline: &str) -> Options {
             ("blk", "read") => options.blk = Mode::Read,
             ("blk", "write") => options.blk = Mode::Write,
             ("net", v) => match netstack::parse_config(v) {
-                Ok(c) => options.net = Some(c),
+                Ok(c) => match options.net.iter_mut().find(|n| n.is_none()) {
+                    Some(slot) => *slot = Some(c),
+                    None => log!("warning: ignoring {word}: at most {MAX_NETS} network devices"),
+                },
                 Err(why) => log!("warning: ignoring {word}: {why}"),
             },
             _ => log!("warning: ignoring unknown option {word}"),

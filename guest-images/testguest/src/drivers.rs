@@ -58,7 +58,10 @@ pub fn run(alloc: Allocator, cmdline: &str, options: &Options) -> bool {
             let n = nets;
             nets += 1;
             match controllers.route(w.irq) {
-                Ok(line) => pass &= net::selftest(n, dev, &pool, line, options.net),
+                Ok(line) => {
+                    let cfg = options.net.get(n).copied().flatten();
+                    pass &= net::selftest(n, dev, &pool, line, cfg)
+                }
                 Err(e) => {
                     log!("net{n}: FAIL {e}");
                     pass = false;
