@@ -20,6 +20,9 @@
 //!   match the redirection entries, and change only when an entry's does.
 //! - [`boot_image`]: bytes as a kernel image and cmdline through minivmm's
 //!   loading path.
+//! - [`net`]: virtio-net's queues, TAP input and notifications interleaved;
+//!   writes only into receive buffers the device holds and the used rings,
+//!   only valid frames sent.
 //! - [`queue_differential`]: our queue against rust-vmm's `virtio-queue` on
 //!   the same rings.
 //!
@@ -29,6 +32,7 @@
 pub mod block;
 pub mod boot_image;
 pub mod ioapic;
+pub mod net;
 pub mod queue_differential;
 pub mod seeds;
 pub mod serial;
@@ -52,4 +56,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ioapic", ioapic::run),
     ("boot_image", boot_image::run),
     ("queue_differential", queue_differential::run),
+    ("net", net::run),
 ];

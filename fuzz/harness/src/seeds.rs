@@ -36,6 +36,13 @@ pub fn all() -> Vec<Seed> {
             noise(len, i as u64 + 1),
         ));
     }
+    for (i, len) in [0usize, 64, 512, 4096].into_iter().enumerate() {
+        out.push((
+            "net",
+            ["empty", "short", "medium", "long"][i],
+            noise(len, i as u64 + 11),
+        ));
+    }
     out.push(("serial", "setup-write-read-flood", serial_session()));
     out.push(("serial", "empty", Vec::new()));
     out.push(("ioapic", "guest-routes-pins", ioapic_session()));

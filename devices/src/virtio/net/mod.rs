@@ -42,6 +42,7 @@ use virtio_bindings::virtio_net::*;
 pub use backend::NetBackend;
 #[cfg(any(test, feature = "test-utils"))]
 pub use backend::{FakeBackend, FakeState};
+pub use tx::{HeaderError, check_header};
 
 use super::{
     ActivateError, EventSource, MAX_QUEUE_SIZE, Processed, Queue, QueueError, VIRTIO_F_VERSION_1,

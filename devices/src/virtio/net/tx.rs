@@ -22,7 +22,7 @@ use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, Processed, Queue, QueueError};
 
 /// Why a transmit header was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum HeaderError {
+pub enum HeaderError {
     /// Flags other than NEEDS_CSUM, or it without VIRTIO_NET_F_CSUM.
     Flags(u8),
     /// The checksum offsets outside the frame.
@@ -35,7 +35,7 @@ pub(super) enum HeaderError {
 
 /// Checks the copy `h` of a transmit header for a frame of `frame_len`
 /// bytes, with features `acked`.
-pub(super) fn check_header(
+pub fn check_header(
     h: &[u8; HEADER_SIZE],
     frame_len: usize,
     acked: u64,
