@@ -445,11 +445,15 @@ impl Queue {
     }
 
     /// Whether the driver has made chains available that `pop` has not taken.
-    pub fn has_available(&self, frames: &GuestFrames) -> Result<bool, QueueError> {
+    /// With EVENT_IDX, when it has not, asks to be notified at the next one
+    /// as `pop` does when it runs out: a device that stops at its budget just
+    /// as the ring empties must still be woken by the driver's next chain.
+    pub fn has_available(&mut self, frames: &GuestFrames) -> Result<bool, QueueError> {
         if !self.active {
             return Ok(false);
         }
-        Ok(self.avail_idx(frames)? != self.next_avail)
+        let ring = self.avail(frames)?;
+        Ok(self.avail_idx_or_arm(frames, &ring)? != self.next_avail)
     }
 
     /// Takes the next available chain, or `None` when the driver has offered
@@ -459,21 +463,7 @@ impl Queue {
             return Err(QueueError::NotReady);
         }
         let ring = self.avail(frames)?;
-        let avail_idx = || {
-            Ok::<_, QueueError>(Wrapping(
-                word::<AtomicU16>(&ring, 2)?.load(Ordering::Acquire),
-            ))
-        };
-        let mut avail = avail_idx()?;
-        if avail == self.next_avail && self.event_idx {
-            // Out of work: ask to be notified at the next entry, then look again
-            // (the driver may have added one before seeing avail_event).
-            let at = 4 + 8 * usize::from(self.size);
-            word::<AtomicU16>(&self.used(frames)?, at)?.store(self.next_avail.0, Ordering::Relaxed);
-            let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + at as u64), 2);
-            fence(Ordering::SeqCst);
-            avail = avail_idx()?;
-        }
+        let avail = self.avail_idx_or_arm(frames, &ring)?;
         let pending = (avail - self.next_avail).0;
         if pending == 0 {
             self.release_parked();
@@ -589,9 +579,29 @@ impl Queue {
         ring(frames, self.used_ring, 6 + 8 * usize::from(self.size))
     }
 
-    fn avail_idx(&self, frames: &GuestFrames) -> Result<Wrapping<u16>, QueueError> {
-        let idx = word::<AtomicU16>(&self.avail(frames)?, 2)?.load(Ordering::Acquire);
-        Ok(Wrapping(idx))
+    /// `avail.idx` from `ring`. With EVENT_IDX, when it shows nothing new:
+    /// asks to be notified at the next entry (`avail_event`), then looks
+    /// again (the driver may have added one before seeing avail_event).
+    #[inline]
+    fn avail_idx_or_arm(
+        &self,
+        frames: &GuestFrames,
+        ring: &VolatileSlice<'_>,
+    ) -> Result<Wrapping<u16>, QueueError> {
+        let avail_idx = || {
+            Ok::<_, QueueError>(Wrapping(
+                word::<AtomicU16>(ring, 2)?.load(Ordering::Acquire),
+            ))
+        };
+        let avail = avail_idx()?;
+        if avail != self.next_avail || !self.event_idx {
+            return Ok(avail);
+        }
+        let at = 4 + 8 * usize::from(self.size);
+        word::<AtomicU16>(&self.used(frames)?, at)?.store(self.next_avail.0, Ordering::Relaxed);
+        let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + at as u64), 2);
+        fence(Ordering::SeqCst);
+        avail_idx()
     }
 
     fn push_used(&mut self, frames: &GuestFrames, head: u16, len: u32) -> Result<(), QueueError> {

@@ -635,3 +635,28 @@ fn queue_with_event_idx_publishes_avail_event_when_out_of_work() {
     assert!(queue.pop(&frames).unwrap().is_none());
     assert_eq!(driver.avail_event(), 2, "notify me at the next entry");
 }
+
+#[test]
+fn queue_with_event_idx_asks_for_a_notification_when_a_batch_ends_the_ring() {
+    // A device that stops at its budget just as it took the last chain asks
+    // `has_available` rather than popping once more: that must arm
+    // avail_event too, or the driver's next chain never notifies (a driver
+    // kicks only when its new index passes avail_event, §2.7.10).
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    queue.set_event_idx(true);
+    assert_still_serves(&mut queue, &mut driver, &frames);
+    assert!(queue.pop(&frames).unwrap().is_none());
+    assert_eq!(driver.avail_event(), 1);
+    for _ in 0..3 {
+        let chain = {
+            driver.add_chain(&[(DATA, 16, false)]);
+            serve_one(&mut queue, &frames)
+        };
+        queue.add_used(&frames, chain, 0).unwrap();
+    }
+    assert!(!queue.has_available(&frames).unwrap());
+    assert_eq!(driver.avail_event(), 4, "notify me at the next entry");
+    driver.add_chain(&[(DATA, 16, false)]);
+    assert!(queue.has_available(&frames).unwrap());
+}
