@@ -4,7 +4,10 @@
 //! writable, short or long), receive buffers of any layout and number,
 //! frames arriving from the TAP of any length, TAP readiness, queue
 //! notifications, TAP read failures and device resets, with any subset of
-//! the offered features acknowledged.
+//! the offered features acknowledged. The harness never rewrites the
+//! descriptors of a chain in flight (a driver that does gets what the
+//! device read at pop time, which the write check cannot follow); the
+//! queue-level abuse of rings is the `virtqueue` and `virtio_mmio` targets'.
 //!
 //! Checks: guest memory changes only in the device-writable buffers of
 //! receive chains the device holds (posted, not yet returned: a returned
@@ -81,6 +84,40 @@ struct Rig<'a> {
     rx_held: Vec<Posted>,
     /// Used entries of each queue already accounted for.
     seen_used: [u16; 2],
+    /// Per queue: the descriptor the mock driver writes next, and the
+    /// descriptors (by head) of chains not yet returned. The harness never
+    /// rewrites those: the device acts on the descriptors as it read them,
+    /// so an in-flight chain whose descriptors changed would no longer be
+    /// the chain the write check allows.
+    next_desc: [u16; 2],
+    busy: [Vec<(u16, u16)>; 2],
+}
+
+impl Rig<'_> {
+    /// Claims `n` descriptors from the next one on `queue`; false (nothing
+    /// claimed) if one of them belongs to a chain in flight.
+    fn claim(&mut self, queue: usize, n: u16) -> bool {
+        let start = self.next_desc[queue];
+        let overlaps = |&(head, len): &(u16, u16)| {
+            (0..n).any(|i| {
+                let d = (start + i) % QUEUE_SIZE;
+                (d + QUEUE_SIZE - head) % QUEUE_SIZE < len
+            })
+        };
+        if n > QUEUE_SIZE || self.busy[queue].iter().any(overlaps) {
+            return false;
+        }
+        self.busy[queue].push((start, n));
+        self.next_desc[queue] = (start + n) % QUEUE_SIZE;
+        true
+    }
+
+    /// The chain at `head` came back: its descriptors are free.
+    fn release(&mut self, queue: usize, head: u16) {
+        if let Some(at) = self.busy[queue].iter().position(|b| b.0 == head) {
+            self.busy[queue].remove(at);
+        }
+    }
 }
 
 /// Runs the target on `data`.
@@ -129,6 +166,8 @@ fn run_input(input: &NetInput) {
         next: BUFFERS,
         rx_held: Vec::new(),
         seen_used: [0; 2],
+        next_desc: [0; 2],
+        busy: [Vec::new(), Vec::new()],
     };
     for (d, q) in rig.drivers.iter().zip(rig.queues.iter_mut()) {
         d.configure(q);
@@ -154,7 +193,7 @@ fn run_input(input: &NetInput) {
                         (place(&mut rig.next, len), len, w)
                     })
                     .collect();
-                if bufs.is_empty() {
+                if bufs.is_empty() || !rig.claim(1, descriptors(&bufs, *indirect)) {
                     continue;
                 }
                 // The header across the first buffers, then a pattern.
@@ -185,7 +224,7 @@ fn run_input(input: &NetInput) {
                             (place(&mut rig.next, len), len, w)
                         })
                         .collect();
-                    if bufs.is_empty() {
+                    if bufs.is_empty() || !rig.claim(0, descriptors(&bufs, *indirect)) {
                         break;
                     }
                     let head = add_chain(&mut rig, 0, &bufs, *indirect);
@@ -232,6 +271,8 @@ fn run_input(input: &NetInput) {
                 }
                 rig.rx_held.clear();
                 rig.seen_used = [0; 2];
+                rig.next_desc = [0; 2];
+                rig.busy = [Vec::new(), Vec::new()];
                 net.ack_features(acked);
                 if net.activate(&mut rig.queues, &frames).is_err() {
                     return;
@@ -277,6 +318,11 @@ fn run_input(input: &NetInput) {
     assert_eq!(pins(&frames), 0, "pins left after the final reset");
 }
 
+/// Descriptors a chain of `bufs` takes in the queue's table.
+fn descriptors(bufs: &[(u64, u32, bool)], indirect: bool) -> u16 {
+    if indirect { 1 } else { bufs.len() as u16 }
+}
+
 fn add_chain(rig: &mut Rig<'_>, queue: usize, bufs: &[(u64, u32, bool)], indirect: bool) -> u16 {
     if indirect {
         let table = place(&mut rig.next, 16 * bufs.len() as u32);
@@ -289,16 +335,21 @@ fn add_chain(rig: &mut Rig<'_>, queue: usize, bufs: &[(u64, u32, bool)], indirec
 /// Takes the new used entries: transmit chains must come back with length
 /// 0, and returned receive chains are no longer the device's to write.
 fn account_used(rig: &mut Rig<'_>) {
+    let mut released = Vec::new();
     for (q, driver) in rig.drivers.iter().enumerate() {
         let idx = driver.used_idx();
         while rig.seen_used[q] != idx {
             let (id, len) = driver.used_elem(rig.seen_used[q]);
             rig.seen_used[q] = rig.seen_used[q].wrapping_add(1);
+            released.push((q, id as u16));
             if q == 1 {
                 assert_eq!(len, 0, "a transmit chain came back with used length {len}");
             } else if let Some(at) = rig.rx_held.iter().position(|p| u32::from(p.head) == id) {
                 rig.rx_held.remove(at);
             }
         }
+    }
+    for (q, head) in released {
+        rig.release(q, head);
     }
 }
