@@ -513,6 +513,14 @@ impl PinSet {
         let Some(held) = self.held else {
             return self.clear();
         };
+        // Already parked on the held section (every buffer since was inside
+        // it): nothing to unpin.
+        if let [only] = self.anchors[..]
+            && only == held.anchor()
+        {
+            self.pins = 0;
+            return;
+        }
         // The held section's count is recorded once (later buffers inside
         // it recorded nothing); any other counts on it go with the rest.
         let Some(at) = self.anchors.iter().position(|&a| a == held.anchor()) else {
