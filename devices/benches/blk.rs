@@ -112,6 +112,8 @@ impl<'a> Rig<'a> {
                 .process_queue(0, &mut self.queue, self.frames)
                 .unwrap(),
         );
+        // As the transport ends every batch.
+        self.queue.end_batch(self.frames);
         t.elapsed()
     }
 

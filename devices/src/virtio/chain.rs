@@ -247,6 +247,32 @@ impl Reader<'_> {
         })
     }
 
+    /// Reads the next `N` bytes (a small header): from the current buffer
+    /// directly when it holds them, the usual case.
+    #[inline]
+    pub fn read_array<const N: usize>(
+        &mut self,
+        frames: &GuestFrames,
+    ) -> Result<[u8; N], ShortChain> {
+        let mut out = [0u8; N];
+        let c = &mut self.0;
+        if let Some(buf) = c.bufs.get(c.index)
+            && (buf.len - c.offset) as usize >= N
+            && let Some(s) = frames.slice(GuestAddress(buf.addr.0 + u64::from(c.offset)), N)
+        {
+            copy_to(&s, &mut out);
+            c.offset += N as u32;
+            if c.offset == buf.len {
+                c.index += 1;
+                c.offset = 0;
+            }
+            c.left -= N as u64;
+            return Ok(out);
+        }
+        self.read_exact(frames, &mut out)?;
+        Ok(out)
+    }
+
     /// Reads a plain-data value.
     pub fn read_obj<T: ByteValued + Default>(
         &mut self,
@@ -259,23 +285,31 @@ impl Reader<'_> {
 }
 
 /// Copies `s` into `out` (of its length). Small aligned pieces — a request
-/// header — are read as whole words, which costs a load each where the
-/// general copy costs a call and a loop.
+/// header, a net header — are read as whole words, which costs a load each
+/// where the general copy costs a call and a loop.
 #[inline]
 fn copy_to(s: &VolatileSlice<'_>, out: &mut [u8]) {
-    if out.len() <= 32
-        && out.len().is_multiple_of(8)
-        && (s.ptr_guard().as_ptr() as usize).is_multiple_of(8)
-    {
-        for (i, word) in out.chunks_exact_mut(8).enumerate() {
-            match s.get_ref::<u64>(8 * i) {
-                Ok(r) => word.copy_from_slice(&r.load().to_ne_bytes()),
-                Err(_) => {
-                    s.copy_to(out);
-                    return;
+    macro_rules! by_words {
+        ($t:ty) => {{
+            const N: usize = std::mem::size_of::<$t>();
+            for (i, word) in out.chunks_exact_mut(N).enumerate() {
+                match s.get_ref::<$t>(N * i) {
+                    Ok(r) => word.copy_from_slice(&r.load().to_ne_bytes()),
+                    Err(_) => {
+                        s.copy_to(out);
+                        return;
+                    }
                 }
             }
-        }
+        }};
+    }
+    let at = s.ptr_guard().as_ptr() as usize;
+    if out.len() > 32 {
+        s.copy_to(out);
+    } else if out.len().is_multiple_of(8) && at.is_multiple_of(8) {
+        by_words!(u64)
+    } else if out.len().is_multiple_of(4) && at.is_multiple_of(4) {
+        by_words!(u32)
     } else {
         s.copy_to(out);
     }

@@ -252,7 +252,9 @@ impl MmioTransport {
         let processed = self
             .device
             .process_event(token, &mut self.queues, &self.frames);
-        self.queues.iter_mut().for_each(Queue::release_parked);
+        for queue in &mut self.queues {
+            queue.end_batch(&self.frames);
+        }
         let result = self.interrupt_for_all(processed);
         let more = self.finish(result, format_args!("event {token}"));
         self.update_sources();
@@ -324,7 +326,7 @@ impl MmioTransport {
         self.metrics.notifies += 1;
         let processed = self.device.process_queue(index, queue, &self.frames);
         // The batch is over: nothing stays pinned for chains not yet popped.
-        queue.release_parked();
+        queue.end_batch(&self.frames);
         let result = match processed {
             Ok(done) if done.used => queue
                 .needs_notification(&self.frames)

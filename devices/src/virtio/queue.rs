@@ -29,10 +29,14 @@
 //! the chain is handed back through [`Queue::add_used`]. A returned chain's
 //! set keeps its last section pinned for the next chain of the batch
 //! (`PinSet::park`); [`Queue::release_parked`] drops those when the driver
-//! has offered nothing more and when the transport ends a batch, so between
-//! batches only the rings and chains still in flight are pinned. The two kinds are
-//! different types: only [`WritableBuffer`]s can be written, through a
-//! [`Writer`], which also marks the frames it writes dirty.
+//! has offered nothing more, and [`Queue::end_batch`] when the transport ends
+//! a batch, so between batches only the rings and chains still in flight are
+//! pinned. The two kinds are different types: only [`WritableBuffer`]s can be
+//! written, through a [`Writer`], which also marks the frames it writes
+//! dirty. The used ring is marked dirty once per batch, by `end_batch`, not
+//! per entry: a reader of the dirty log still sees every write once the
+//! batch has ended (a snapshot quiesces devices first; an iterative reader
+//! finds it in its next pass).
 //!
 //! A chain carries the queue's generation, which a reset advances: a chain
 //! from before a reset can never complete a request of the queue after it
@@ -270,6 +274,8 @@ pub struct Queue {
     next_avail: Wrapping<u16>,
     next_used: Wrapping<u16>,
     signalled_used: Option<Wrapping<u16>>,
+    /// Used entries were written since the used ring was last marked dirty.
+    used_unmarked: bool,
     in_flight: InFlight,
     ring_pins: Vec<PinGuard>,
     /// Buffer lists of completed chains, reused so a request allocates nothing.
@@ -305,6 +311,7 @@ impl Queue {
             next_avail: Wrapping(0),
             next_used: Wrapping(0),
             signalled_used: None,
+            used_unmarked: false,
             in_flight: InFlight::default(),
             ring_pins: Vec::new(),
             spare: Vec::new(),
@@ -541,6 +548,20 @@ impl Queue {
         }
     }
 
+    /// Ends a batch: marks the used ring dirty if entries were added, and
+    /// releases the pins parked for the batch. The transport calls it after
+    /// every call into the device.
+    pub fn end_batch(&mut self, frames: &GuestFrames) {
+        if self.used_unmarked {
+            self.used_unmarked = false;
+            let _ = frames.mark_dirty(
+                GuestAddress(self.used_ring.0 + 2),
+                2 + 8 * u64::from(self.size),
+            );
+        }
+        self.release_parked();
+    }
+
     /// Whether the driver wants an interrupt for the used entries added since
     /// the last call that returned true.
     pub fn needs_notification(&mut self, frames: &GuestFrames) -> Result<bool, QueueError> {
@@ -613,9 +634,8 @@ impl Queue {
         self.next_used += Wrapping(1);
         // The element before the index that publishes it (§2.7.13).
         word::<AtomicU16>(&ring, 2)?.store(self.next_used.0, Ordering::Release);
-        // The index and the element, in one call (the frames between them
-        // are the ring's own).
-        let _ = frames.mark_dirty(GuestAddress(self.used_ring.0 + 2), elem as u64 + 6);
+        // Marked dirty when the batch ends.
+        self.used_unmarked = true;
         Ok(())
     }
 

@@ -660,3 +660,26 @@ fn queue_with_event_idx_asks_for_a_notification_when_a_batch_ends_the_ring() {
     driver.add_chain(&[(DATA, 16, false)]);
     assert!(queue.has_available(&frames).unwrap());
 }
+
+#[test]
+fn queue_marks_the_used_ring_dirty_once_when_the_batch_ends() {
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    let used_frame = GuestAddress(driver.used_ring().0 & !0xfff);
+    let dirty_used = |frames: &GuestFrames| {
+        frames
+            .take_dirty()
+            .iter()
+            .any(|&(a, len)| a <= used_frame && used_frame.0 < a.0 + len)
+    };
+    frames.take_dirty();
+    assert_still_serves(&mut queue, &mut driver, &frames);
+    assert_still_serves(&mut queue, &mut driver, &frames);
+    queue.end_batch(&frames);
+    assert!(
+        dirty_used(&frames),
+        "used ring marked at the end of the batch"
+    );
+    queue.end_batch(&frames);
+    assert!(!dirty_used(&frames), "and not again without new entries");
+}

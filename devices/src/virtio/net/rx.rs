@@ -20,9 +20,10 @@
 
 use std::io;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use memory::GuestFrames;
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, VolatileMemory};
 
 use super::{HEADER_SIZE, MAX_FRAME, Net, add, bump};
 use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, DescriptorChain, Processed, Queue, QueueError};
@@ -253,8 +254,20 @@ impl Net {
 }
 
 /// Sets `num_buffers` in the header at the start of `chain` (which holds at
-/// least the header).
+/// least the header, just written by the backend's read).
 fn set_num_buffers(chain: &DescriptorChain, frames: &GuestFrames, n: u16) {
+    // Nearly always the header lies in the first buffer: one store, and no
+    // marking (the read that wrote the header marked its frame dirty).
+    if let Some(first) = chain.writable().first()
+        && u64::from(first.len) >= HEADER_SIZE as u64
+        && let Some(s) = frames.slice(GuestAddress(first.addr.0 + NUM_BUFFERS), 2)
+    {
+        match s.get_atomic_ref::<AtomicU16>(0) {
+            Ok(word) => word.store(n.to_le(), Ordering::Relaxed),
+            Err(_) => s.copy_from(&n.to_le_bytes()),
+        }
+        return;
+    }
     let mut writer = chain.writer();
     let _ = writer
         .skip(NUM_BUFFERS)

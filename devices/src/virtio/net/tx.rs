@@ -127,9 +127,8 @@ impl Net {
             return 0;
         }
         let mut reader = chain.reader();
-        let mut header = [0u8; HEADER_SIZE];
         // The chain holds `len` >= HEADER_SIZE readable bytes.
-        let _ = reader.read_exact(frames, &mut header);
+        let header: [u8; HEADER_SIZE] = reader.read_array(frames).unwrap_or_default();
         let frame_len = len - HEADER_SIZE;
         if let Err(e) = check_header(&header, frame_len, self.acked) {
             bump(&self.metrics.tx_bad_header);
