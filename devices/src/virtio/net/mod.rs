@@ -30,6 +30,8 @@
 //! `BATCH_BYTES`).
 
 mod backend;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod linux_driver;
 mod rx;
 mod tx;
 
