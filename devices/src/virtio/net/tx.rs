@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::*;
 use vm_memory::GuestAddress;
 
 use super::{HEADER_SIZE, Net, add, bump};
-use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, Processed, Queue, QueueError};
+use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, DescriptorChain, Processed, Queue, QueueError};
 
 /// Why a transmit header was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,14 +68,33 @@ pub fn check_header(
     Ok(())
 }
 
+/// Frames checked before any is written: the writes then follow one another
+/// with nothing between them but the next write (a system call costs the
+/// code after it much of the CPU's predictions and caches: measured here,
+/// one per frame between the device's steps cost 20 ns of its 45).
+const SEND_BATCH: usize = 32;
+
+/// A checked frame waiting to be written.
+#[derive(Debug)]
+struct Checked {
+    chain: DescriptorChain,
+    header: [u8; HEADER_SIZE],
+    /// Its pieces in `Tx::segments`, and the frame's length.
+    segments: std::ops::Range<usize>,
+    frame_len: usize,
+}
+
 /// The transmit side's scratch state.
 #[derive(Debug, Default)]
 pub(super) struct Tx {
     segments: Vec<(GuestAddress, usize)>,
+    checked: Vec<Checked>,
+    written: Vec<bool>,
 }
 
 impl Net {
-    /// Sends at most one batch of the guest's frames.
+    /// Sends at most one batch of the guest's frames: sub-batches of
+    /// [`SEND_BATCH`] chains popped and checked, then written, then returned.
     pub(super) fn transmit(
         &mut self,
         queue: &mut Queue,
@@ -88,10 +107,30 @@ impl Net {
                 done.more = queue.has_available(frames)?;
                 return Ok(done);
             }
-            chains += 1;
+            let empty = self.check_some(queue, frames, &mut done, &mut chains)?;
+            bytes += self.send_checked(queue, frames)?;
+            if empty {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Pops and checks up to [`SEND_BATCH`] chains (within the batch's
+    /// budget); refused ones are returned at once. True when the driver has
+    /// offered nothing more.
+    fn check_some(
+        &mut self,
+        queue: &mut Queue,
+        frames: &GuestFrames,
+        done: &mut Processed,
+        chains: &mut usize,
+    ) -> Result<bool, QueueError> {
+        self.tx.segments.clear();
+        while self.tx.checked.len() < SEND_BATCH && *chains < BATCH_CHAINS {
+            *chains += 1;
             let chain = match queue.pop(frames) {
                 Ok(Some(chain)) => chain,
-                Ok(None) => return Ok(done),
+                Ok(None) => return Ok(true),
                 Err(QueueError::BadChain { .. }) => {
                     bump(&self.metrics.bad_chain);
                     done.used = true;
@@ -99,23 +138,78 @@ impl Net {
                 }
                 Err(e) => return Err(e),
             };
-            bytes += self.send(&chain, frames);
-            // Nothing is written to a transmit buffer: used length 0.
-            queue.add_used(frames, chain, 0)?;
             done.used = true;
+            match self.check(&chain, frames) {
+                Some((header, frame_len)) => {
+                    let from = self.tx.segments.len();
+                    let mut reader = chain.reader();
+                    let _ = reader.skip(HEADER_SIZE as u64);
+                    let _ = reader.take_segments(frame_len as u64, &mut self.tx.segments);
+                    let segments = from..self.tx.segments.len();
+                    self.tx.checked.push(Checked {
+                        chain,
+                        header,
+                        segments,
+                        frame_len,
+                    });
+                }
+                // Nothing is written to a transmit buffer: used length 0.
+                None => queue.add_used(frames, chain, 0)?,
+            }
         }
+        Ok(false)
     }
 
-    /// Sends one chain's frame, or drops and counts it; returns the frame's
-    /// bytes sent.
-    fn send(&mut self, chain: &crate::virtio::DescriptorChain, frames: &GuestFrames) -> u64 {
+    /// Writes the checked frames one after the other, then counts them and
+    /// returns their chains; the frames' bytes.
+    fn send_checked(&mut self, queue: &mut Queue, frames: &GuestFrames) -> Result<u64, QueueError> {
+        let Tx {
+            segments,
+            checked,
+            written,
+        } = &mut self.tx;
+        written.clear();
+        let mut failure = None;
+        for c in checked.iter() {
+            let result = self
+                .backend
+                .write_frame(frames, &c.header, &segments[c.segments.clone()]);
+            written.push(result.is_ok());
+            if let Err(e) = result {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
+            self.log_once(3, format_args!("TAP write failed: {e}"));
+        }
+        let mut bytes = 0;
+        for (c, &ok) in self.tx.checked.drain(..).zip(self.tx.written.iter()) {
+            if ok {
+                bump(&self.metrics.tx_packets);
+                add(&self.metrics.tx_bytes, c.frame_len as u64);
+                bytes += c.frame_len as u64;
+            } else {
+                bump(&self.metrics.tap_write_errors);
+            }
+            queue.add_used(frames, c.chain, 0)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Checks one chain's layout and header (read into a copy first); the
+    /// header and the frame's length, or `None` (dropped and counted).
+    fn check(
+        &mut self,
+        chain: &DescriptorChain,
+        frames: &GuestFrames,
+    ) -> Option<([u8; HEADER_SIZE], usize)> {
         if chain.writable_len() > 0 {
             bump(&self.metrics.tx_bad_layout);
             self.log_once(
                 0,
                 format_args!("transmit chain with device-writable buffers"),
             );
-            return 0;
+            return None;
         }
         let len = chain.readable_len() as usize;
         if len < HEADER_SIZE {
@@ -124,30 +218,16 @@ impl Net {
                 1,
                 format_args!("transmit chain of {len} bytes, shorter than its header"),
             );
-            return 0;
+            return None;
         }
-        let mut reader = chain.reader();
         // The chain holds `len` >= HEADER_SIZE readable bytes.
-        let header: [u8; HEADER_SIZE] = reader.read_array(frames).unwrap_or_default();
+        let header: [u8; HEADER_SIZE] = chain.reader().read_array(frames).unwrap_or_default();
         let frame_len = len - HEADER_SIZE;
         if let Err(e) = check_header(&header, frame_len, self.acked) {
             bump(&self.metrics.tx_bad_header);
             self.log_once(2, format_args!("transmit header refused: {e:?}"));
-            return 0;
+            return None;
         }
-        self.tx.segments.clear();
-        let _ = reader.take_segments(frame_len as u64, &mut self.tx.segments);
-        match self.backend.write_frame(frames, &header, &self.tx.segments) {
-            Ok(_) => {
-                bump(&self.metrics.tx_packets);
-                add(&self.metrics.tx_bytes, frame_len as u64);
-                frame_len as u64
-            }
-            Err(e) => {
-                bump(&self.metrics.tap_write_errors);
-                self.log_once(3, format_args!("TAP write failed: {e}"));
-                0
-            }
-        }
+        Some((header, frame_len))
     }
 }
