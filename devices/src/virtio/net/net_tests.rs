@@ -250,6 +250,36 @@ fn net_tx_sends_a_copy_of_the_header_then_the_frame_in_linux_layout() {
 }
 
 #[test]
+fn net_tx_sends_what_it_checked_before_a_corrupt_ring_and_keeps_nothing() {
+    let mut rig = Rig::new(16, linux());
+    let frames = rig.frames.clone();
+    let f = frame(100, 9);
+    rig.write(TX_BUFS, &f);
+    let mut tx = rig.driver(&frames, 1);
+    for _ in 0..2 {
+        tx.add_chain(&[(TX_BUFS, f.len() as u32, false)]);
+    }
+    // A third entry naming a head beyond the queue: a fatal queue error.
+    tx.set_avail_entry(2, 999);
+    tx.set_avail_idx(3);
+    let Rig {
+        net,
+        queues,
+        frames: memory,
+        ..
+    } = &mut rig;
+    let err = net.process_queue(1, &mut queues[1], memory).unwrap_err();
+    assert!(err.is_fatal(), "{err:?}");
+    assert_eq!(
+        rig.sent(),
+        [f.clone(), f.clone()],
+        "the checked frames went out"
+    );
+    assert!(rig.net.tx.checked.is_empty(), "no chain outlives the call");
+    assert_eq!(tx.used_idx(), 2);
+}
+
+#[test]
 fn net_tx_with_checksum_and_tso_offload_passes_the_header_on() {
     let mut rig = Rig::new(16, linux());
     let frames = rig.frames.clone();

@@ -76,7 +76,7 @@ const SEND_BATCH: usize = 32;
 
 /// A checked frame waiting to be written.
 #[derive(Debug)]
-struct Checked {
+pub(super) struct Checked {
     chain: DescriptorChain,
     header: [u8; HEADER_SIZE],
     /// Its pieces in `Tx::segments`, and the frame's length.
@@ -88,7 +88,7 @@ struct Checked {
 #[derive(Debug, Default)]
 pub(super) struct Tx {
     segments: Vec<(GuestAddress, usize)>,
-    checked: Vec<Checked>,
+    pub(super) checked: Vec<Checked>,
     written: Vec<bool>,
 }
 
@@ -107,9 +107,11 @@ impl Net {
                 done.more = queue.has_available(frames)?;
                 return Ok(done);
             }
-            let empty = self.check_some(queue, frames, &mut done, &mut chains)?;
+            let checked = self.check_some(queue, frames, &mut done, &mut chains);
+            // What was checked is sent even when the queue then turned out
+            // corrupt: no chain outlives this call.
             bytes += self.send_checked(queue, frames)?;
-            if empty {
+            if checked? {
                 return Ok(done);
             }
         }
