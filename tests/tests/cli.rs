@@ -202,6 +202,23 @@ fn cli_kernel_entry_outside_its_image_is_reported() {
 }
 
 #[test]
+fn cli_bzimage_that_ends_before_its_entry_is_refused() {
+    // Found by fuzzing (boot_image): a bzImage whose protected-mode part is
+    // shorter than 0x200 bytes was entered past its end.
+    let dir = scratch("bzimage-entry");
+    for (name, code) in [("nothing-at-entry", &[][..]), ("short", &[0xf4; 16][..])] {
+        let mut image = bzimage(0x020f, 1, code);
+        if name == "short" {
+            // Cut the protected-mode part to 0x100 bytes.
+            image.truncate(5 * 512 + 0x100);
+        }
+        let kernel = file_with(&dir, name, &image);
+        let outcome = minivmm(["--kernel".as_ref(), kernel.as_os_str()], TIMEOUT);
+        assert_one_line_error(&outcome, 1, &["entry point", "outside the loaded image"]);
+    }
+}
+
+#[test]
 fn cli_kernel_larger_than_guest_ram_is_reported() {
     let dir = scratch("kernel-large");
     let big = dir.join("big");

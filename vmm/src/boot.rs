@@ -69,7 +69,8 @@ pub enum Error {
     /// Neither ELF nor bzImage, or a malformed one.
     #[error("{} is not a loadable bzImage or ELF kernel", .0.display())]
     BadKernel(PathBuf, #[source] loader::Error),
-    /// The ELF's entry point (PVH or 64-bit) is not in its loaded segments.
+    /// The entry point (an ELF's PVH or 64-bit entry, a bzImage's load
+    /// address + 0x200) is not in the loaded image.
     #[error("{}: entry point {entry:#x} is outside the loaded image [{start:#x}, {end:#x})", path.display())]
     BadEntry {
         /// Image path.
@@ -302,6 +303,16 @@ fn load_kernel(frames: &GuestFrames, path: &Path, file: &mut File) -> Result<Loa
             return Err(Error::No64BitEntry(path.into()));
         }
         let image = result.kernel_end.saturating_sub(result.kernel_load.0);
+        // As for an ELF: the entry must be code the image brought.
+        let entry = result.kernel_load.0 + 0x200;
+        if entry >= result.kernel_end {
+            return Err(Error::BadEntry {
+                path: path.into(),
+                entry,
+                start: result.kernel_load.0,
+                end: result.kernel_end,
+            });
+        }
         // The kernel decompresses itself into `init_size` bytes from its load address.
         frames.place_at(
             Purpose::Kernel,
@@ -309,7 +320,7 @@ fn load_kernel(frames: &GuestFrames, path: &Path, file: &mut File) -> Result<Loa
             image.max(u64::from(hdr.init_size)),
         )?;
         Ok(Loaded {
-            entry: GuestAddress(result.kernel_load.0 + 0x200),
+            entry: GuestAddress(entry),
             pvh_entry: None,
             result,
         })
