@@ -104,6 +104,8 @@ pub enum Purpose {
     MpTable,
     /// Firmware areas such as the legacy VGA/BIOS hole (RESERVED).
     Firmware,
+    /// ACPI tables (RESERVED | ACPI: e820 type 3).
+    Acpi,
 }
 
 impl Purpose {
@@ -111,6 +113,7 @@ impl Purpose {
     pub fn flags(self) -> FrameFlags {
         match self {
             Purpose::Kernel | Purpose::Initrd => FrameFlags::KERNEL,
+            Purpose::Acpi => FrameFlags::RESERVED | FrameFlags::ACPI,
             _ => FrameFlags::RESERVED,
         }
     }
@@ -128,6 +131,7 @@ impl std::fmt::Display for Purpose {
             Purpose::BootStack => "boot stack",
             Purpose::MpTable => "MP table",
             Purpose::Firmware => "firmware area",
+            Purpose::Acpi => "ACPI tables",
         };
         f.write_str(name)
     }
@@ -141,6 +145,8 @@ pub enum E820Kind {
     Ram = 1,
     /// Reserved.
     Reserved = 2,
+    /// ACPI tables, reclaimable once read.
+    Acpi = 3,
     /// Bad memory.
     Unusable = 5,
 }
@@ -287,13 +293,16 @@ impl GuestFrames {
     }
 
     /// The e820 map, derived from the frame metadata: FREE, ALLOCATED and KERNEL
-    /// blocks are RAM, RESERVED blocks reserved, POISONED ones unusable; adjacent
-    /// entries of one type are merged; holes are absent.
+    /// blocks are RAM, RESERVED blocks reserved (ACPI tables if they carry the
+    /// ACPI attribute), POISONED ones unusable; adjacent entries of one type
+    /// are merged; holes are absent.
     pub fn e820_map(&self) -> Vec<E820Entry> {
         let mut map: Vec<E820Entry> = Vec::new();
         for block in self.table.blocks() {
             let state = block.flags.state();
-            let kind = if state == FrameFlags::RESERVED {
+            let kind = if state == FrameFlags::RESERVED && block.flags.contains(FrameFlags::ACPI) {
+                E820Kind::Acpi
+            } else if state == FrameFlags::RESERVED {
                 E820Kind::Reserved
             } else if state == FrameFlags::POISONED {
                 E820Kind::Unusable
@@ -646,6 +655,36 @@ mod tests {
                 .read_obj::<u32>(GuestAddress(MMIO_HOLE_END))
                 .unwrap(),
             0x1234_5678
+        );
+    }
+
+    #[test]
+    fn e820_map_shows_acpi_tables_as_their_own_type_between_reserved_blocks() {
+        let g = frames(64 * MIB);
+        g.place_at(Purpose::Firmware, GuestAddress(0x9f000), 0x61000)
+            .unwrap();
+        let acpi = g
+            .place(Purpose::Acpi, 0x1800, 4096, GuestAddress(0x9f000))
+            .unwrap();
+        assert_eq!(acpi, GuestAddress(0x9d000));
+        let zp = g
+            .place(Purpose::BootParams, 4096, 4096, GuestAddress(0x9d000))
+            .unwrap();
+        assert_eq!(zp, GuestAddress(0x9c000));
+        let e820: Vec<_> = g
+            .e820_map()
+            .iter()
+            .map(|e| (e.addr.0, e.size, e.kind))
+            .collect();
+        assert_eq!(
+            e820,
+            [
+                (0, 0x9c000, E820Kind::Ram),
+                (0x9c000, 0x1000, E820Kind::Reserved),
+                (0x9d000, 0x2000, E820Kind::Acpi),
+                (0x9f000, 0x61000, E820Kind::Reserved),
+                (0x100000, 64 * MIB - 0x100000, E820Kind::Ram),
+            ]
         );
     }
 

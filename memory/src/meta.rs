@@ -34,6 +34,9 @@ impl FrameFlags {
     pub const POISONED: Self = Self(1 << 4);
     /// Block attribute: memory shared with another party (e.g. a device process).
     pub const SHARED: Self = Self(1 << 5);
+    /// Block attribute: ACPI tables the guest may reclaim once it has read
+    /// them (e820 type 3, "ACPI reclaimable").
+    pub const ACPI: Self = Self(1 << 6);
     /// Bookkeeping: first block of an `alloc_range` allocation.
     pub const RANGE_START: Self = Self(1 << 7);
     /// Bookkeeping: a later block of an `alloc_range` allocation.
@@ -44,7 +47,7 @@ impl FrameFlags {
         Self::FREE.0 | Self::ALLOCATED.0 | Self::RESERVED.0 | Self::KERNEL.0 | Self::POISONED.0,
     );
     /// Attributes a caller may add to an allocation or reservation.
-    pub const ATTR_MASK: Self = Self(Self::SHARED.0);
+    pub const ATTR_MASK: Self = Self(Self::SHARED.0 | Self::ACPI.0);
     /// Everything that describes a block rather than a frame: cleared when a frame
     /// stops being a head.
     pub const HEAD_MASK: Self =
@@ -114,13 +117,14 @@ impl BitAnd for FrameFlags {
 
 impl fmt::Debug for FrameFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(FrameFlags, &str); 8] = [
+        const NAMES: [(FrameFlags, &str); 9] = [
             (FrameFlags::FREE, "FREE"),
             (FrameFlags::ALLOCATED, "ALLOCATED"),
             (FrameFlags::RESERVED, "RESERVED"),
             (FrameFlags::KERNEL, "KERNEL"),
             (FrameFlags::POISONED, "POISONED"),
             (FrameFlags::SHARED, "SHARED"),
+            (FrameFlags::ACPI, "ACPI"),
             (FrameFlags::RANGE_START, "RANGE_START"),
             (FrameFlags::RANGE_CONT, "RANGE_CONT"),
         ];
