@@ -11,14 +11,15 @@ cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-# The network tests' peers: the system's own ping and ip (Debian's packages).
-if ! command -v ping >/dev/null || ! command -v ip >/dev/null; then
+# Real peers the tests need, from Debian's packages: the system's own ping
+# and ip for the network tests, ACPICA's iasl to decode minivmm's ACPI tables.
+if ! command -v ping >/dev/null || ! command -v ip >/dev/null || ! command -v iasl >/dev/null; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-        echo "installing iputils-ping and iproute2 for the network tests"
+        echo "installing iputils-ping, iproute2 and acpica-tools for the tests"
         apt-get update >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y iputils-ping iproute2 >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y iputils-ping iproute2 acpica-tools >/dev/null
     else
-        echo "network tests will skip: ping or ip missing (apt-get install iputils-ping iproute2 as root)"
+        echo "network and iasl tests will skip: ping, ip or iasl missing (apt-get install iputils-ping iproute2 acpica-tools as root)"
     fi
 fi
 # The frame allocator's core must stay no_std for the guest kernel.

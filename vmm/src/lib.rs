@@ -3,6 +3,7 @@
 //! The binary `minivmm` is a thin CLI over this library so that integration
 //! tests drive the same code.
 
+pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod console;
