@@ -62,6 +62,7 @@ fn cli_rejects_bad_flag_values() {
         (&["--cpus", "two"], "--cpus"),
         (&["--cpu-template", "host"], "minimal or passthrough"),
         (&["--log-level", "loud"], "log level"),
+        (&["--acpi", "maybe"], "possible values: on, off"),
         (&["--frobnicate"], "--frobnicate"),
     ];
     for (args, needle) in cases {

@@ -28,6 +28,7 @@ use linux_loader::loader::{
 use memory::{E820Entry, GuestFrames, Purpose};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::acpi;
 use crate::x86::mptable;
 use crate::x86::regs::{self, EntryMode};
 
@@ -49,6 +50,9 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 /// Errors while loading the kernel or building its boot structures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The ACPI tables could not be placed or written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
     /// The kernel or initrd file cannot be opened or read.
     #[error("Cannot read {}", .0.display())]
     Read(PathBuf, #[source] io::Error),
@@ -122,6 +126,8 @@ pub struct BootInfo {
     pub pml4: u64,
     /// Initial stack pointer.
     pub stack: GuestAddress,
+    /// The ACPI RSDP, with ACPI.
+    pub rsdp: Option<GuestAddress>,
 }
 
 /// The kernel, initrd and command line to boot.
@@ -137,8 +143,11 @@ pub struct BootConfig<'a> {
     /// `virtio_mmio.device=` words among the kernel's own arguments, before
     /// any ` -- ` (after it, Linux hands words to init).
     pub virtio_mmio: &'a [(u64, u64, u32)],
-    /// vCPUs, for the MP table.
+    /// vCPUs, for the MP table (and the MADT).
     pub cpus: u8,
+    /// ACPI tables describe the machine, the devices among it, instead of
+    /// `virtio_mmio.device=` words.
+    pub acpi: bool,
 }
 
 /// Loads the kernel and builds every boot structure in `frames`.
@@ -166,13 +175,30 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
         mp_size,
     )?;
     mptable::setup_mptable(frames.memory(), config.cpus).map_err(Error::MpTable)?;
+    // One description of the machine for the MP table and the ACPI tables.
+    let rsdp = if config.acpi {
+        let machine = acpi::Machine {
+            cpus: config.cpus,
+            virtio: config.virtio_mmio.to_vec(),
+        };
+        Some(acpi::place(frames, &machine, LOW_LIMIT)?.rsdp)
+    } else {
+        None
+    };
+    // With ACPI the DSDT announces the devices: a kernel that read both
+    // would probe each twice.
+    let announced = if config.acpi {
+        &[][..]
+    } else {
+        config.virtio_mmio
+    };
 
     let cmdline_capacity = match &loaded.result.setup_header {
         Some(hdr) if hdr.cmdline_size > 0 => hdr.cmdline_size as usize + 1,
         _ => MAX_CMDLINE,
     };
-    let cmdline = kernel_cmdline(config.cmdline, cmdline_capacity, config.virtio_mmio)
-        .map_err(Error::Cmdline)?;
+    let cmdline =
+        kernel_cmdline(config.cmdline, cmdline_capacity, announced).map_err(Error::Cmdline)?;
     // Without its NUL.
     let cmdline_len = cmdline
         .as_cstring()
@@ -211,7 +237,7 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
     let e820 = frames.e820_map();
     match mode {
         EntryMode::Pvh { start_info } => {
-            write_start_info(frames, start_info, cmdline_addr, initrd, &e820)?
+            write_start_info(frames, start_info, cmdline_addr, initrd, rsdp, &e820)?
         }
         EntryMode::Linux64 { boot_params } => {
             let hdr = loaded.result.setup_header.unwrap_or_default();
@@ -222,6 +248,7 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
                 cmdline_addr,
                 cmdline_len,
                 initrd,
+                rsdp,
                 &e820,
             )?
         }
@@ -234,6 +261,7 @@ pub fn load(frames: &GuestFrames, config: &BootConfig<'_>) -> Result<BootInfo, E
         gdt,
         pml4,
         stack,
+        rsdp,
     })
 }
 
@@ -394,10 +422,12 @@ fn write_zero_page(
     cmdline: GuestAddress,
     cmdline_len: usize,
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
     e820: &[E820Entry],
 ) -> Result<(), Error> {
     let mut params = boot_params {
         hdr,
+        acpi_rsdp_addr: rsdp.map_or(0, |a| a.0),
         ..Default::default()
     };
     params.hdr.type_of_loader = 0xff;
@@ -427,6 +457,7 @@ fn write_start_info(
     addr: GuestAddress,
     cmdline: GuestAddress,
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
     e820: &[E820Entry],
 ) -> Result<(), Error> {
     // One page holds the start info, the module list and the memory map.
@@ -450,6 +481,7 @@ fn write_start_info(
         memmap_entries: memmap.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
         modlist_paddr: if initrd.is_some() { modlist_addr.0 } else { 0 },
+        rsdp_paddr: rsdp.map_or(0, |a| a.0),
         ..Default::default()
     };
     let mut params = BootParams::new(&info, addr);
@@ -488,6 +520,60 @@ mod tests {
             "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
         );
         assert_eq!(text(&kernel_cmdline("a b", 4096, &[]).unwrap()), "a b");
+    }
+
+    fn cstring_at(frames: &GuestFrames, addr: u64) -> String {
+        let mut bytes = vec![0u8; 4096];
+        frames
+            .memory()
+            .read_slice(&mut bytes, GuestAddress(addr))
+            .unwrap();
+        let end = bytes.iter().position(|&b| b == 0).unwrap();
+        String::from_utf8(bytes[..end].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn acpi_boot_passes_the_rsdp_and_announces_devices_only_in_the_dsdt() {
+        let dir = std::env::temp_dir().join(format!("minivmm-boot-acpi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pvh = dir.join("pvh");
+        std::fs::write(&pvh, ::tests::pvh_elf(&[0xf4])).unwrap();
+        let bz = dir.join("bzimage");
+        std::fs::write(&bz, ::tests::bzimage(0x020f, 1, &[0xf4; 16])).unwrap();
+        for (kernel, acpi) in [(&pvh, false), (&pvh, true), (&bz, false), (&bz, true)] {
+            let frames = GuestFrames::new(64 << 20, memory::guest::Backing::Anonymous).unwrap();
+            let config = BootConfig {
+                kernel,
+                initrd: None,
+                cmdline: "console=ttyS0",
+                virtio_mmio: &[(0xd000_0000, 0x1000, 5)],
+                cpus: 2,
+                acpi,
+            };
+            let info = load(&frames, &config).unwrap();
+            let expected = acpi.then_some(acpi::RSDP_ADDR);
+            assert_eq!(info.rsdp, expected);
+            let mem = frames.memory();
+            let (cmdline, rsdp) = match info.mode {
+                EntryMode::Pvh { start_info } => {
+                    let si: hvm_start_info = mem.read_obj(start_info).unwrap();
+                    (si.cmdline_paddr, si.rsdp_paddr)
+                }
+                EntryMode::Linux64 { boot_params } => {
+                    let bp: boot_params = mem.read_obj(boot_params).unwrap();
+                    (u64::from(bp.hdr.cmd_line_ptr), bp.acpi_rsdp_addr)
+                }
+            };
+            assert_eq!(rsdp, expected.map_or(0, |a| a.0), "{kernel:?} acpi {acpi}");
+            let words = cstring_at(&frames, cmdline);
+            assert_eq!(words.contains("virtio_mmio.device="), !acpi, "{words}");
+            let acpi_e820 = frames
+                .e820_map()
+                .iter()
+                .any(|e| e.kind == memory::guest::E820Kind::Acpi);
+            assert_eq!(acpi_e820, acpi);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -58,9 +58,25 @@ pub struct Cli {
     #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC][,mtu=N]", value_parser = parse_net)]
     pub nets: Vec<NetSpec>,
 
+    /// ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) describing the vCPUs and the
+    /// devices, and ACPI power-off and reset: `on`, or `off` for the MP table
+    /// alone and `virtio_mmio.device=` words on the command line (default
+    /// `off` until the test guest reads the DSDT).
+    #[arg(long, value_name = "on|off", default_value = "off")]
+    pub acpi: Switch,
+
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     pub log_level: log::LevelFilter,
+}
+
+/// `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 impl Cli {

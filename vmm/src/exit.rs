@@ -20,8 +20,11 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 /// Why the VM stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest asked for a reset (i8042 command 0xfe).
+    /// The guest asked for a reset (i8042 command 0xfe, the ACPI reset
+    /// register).
     Reset,
+    /// The guest entered ACPI S5 (the FADT's sleep control register).
+    PowerOff,
     /// The guest wrote a byte to the debug-exit port.
     DebugExit(u8),
     /// KVM_EXIT_SHUTDOWN: a triple fault.
@@ -60,7 +63,7 @@ impl VmExit {
     /// The process exit status for this reason.
     pub fn status(self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::DebugExit(0) => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::DebugExit(0) => 0,
             VmExit::DebugExit(v) => 32 + i32::from(v.min(95)),
             VmExit::TripleFault { .. } => 3,
             VmExit::InternalError { .. } | VmExit::FailEntry { .. } => 4,
@@ -74,6 +77,7 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             VmExit::Reset => write!(f, "guest reset"),
+            VmExit::PowerOff => write!(f, "guest powered off (ACPI S5)"),
             VmExit::DebugExit(v) => write!(f, "guest wrote {v} to the debug-exit port"),
             VmExit::TripleFault { vcpu } => {
                 write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")

@@ -31,11 +31,14 @@ fn main() -> ExitCode {
         template: cli.cpu_template,
         disks: cli.disks.clone(),
         nets: cli.nets.clone(),
+        acpi: cli.acpi == vmm::cli::Switch::On,
     };
     match run::run(&config) {
         Ok(exit) => {
             if exit.status() != 0 {
                 eprintln!("minivmm: {exit}");
+            } else {
+                log::info!("{exit}");
             }
             ExitCode::from(exit.status() as u8)
         }

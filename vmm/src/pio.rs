@@ -1,14 +1,17 @@
 //! The legacy port I/O devices on the PIO bus (a `devices::bus::Bus` of
 //! ports, like the MMIO one): COM1 (vm-superio's 16550), the i8042
-//! (vm-superio's: the CPU reset command) and a debug-exit port. Ports no
-//! device holds read as all ones and ignore writes; the vCPU's exit handler
-//! logs each once.
+//! (vm-superio's: the CPU reset command), a debug-exit port and, with ACPI,
+//! the hardware-reduced power management registers the FADT names (ACPI 6.5
+//! §4.8.3.7: sleep control and status; §4.8.3.6: reset). Ports no device
+//! holds read as all ones and ignore writes; the vCPU's exit handler logs
+//! each once.
 
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusDevice, BusError};
 use vm_superio::{I8042Device, Trigger};
 
+use crate::acpi;
 use crate::console::ConsoleSerial;
 use crate::exit::{ExitLatch, VmExit};
 
@@ -112,11 +115,56 @@ impl BusDevice for DebugExitPort {
     }
 }
 
+/// `SLP_EN` in the sleep control register.
+const SLP_EN: u8 = 1 << 5;
+
+/// The FADT's sleep control, sleep status and reset registers, at
+/// `acpi::SLEEP_CONTROL_PORT`, `+ 1` and `+ 2`: S5 powers off, the reset
+/// value resets; other values are ignored (logged once each register).
+#[derive(Debug)]
+pub struct PowerManagement {
+    exit: Arc<ExitLatch>,
+    logged: [bool; 2],
+}
+
+impl PowerManagement {
+    fn ignore(&mut self, register: usize, what: std::fmt::Arguments<'_>) {
+        if !std::mem::replace(&mut self.logged[register], true) {
+            log::warn!("ACPI {what} ignored (logged once)");
+        }
+    }
+}
+
+impl BusDevice for PowerManagement {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        // Sleep status: WAK_STS clear; the others read as zero.
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let [value] = *data else {
+            return;
+        };
+        match offset {
+            0 if value & SLP_EN != 0 && (value >> 2) & 7 == acpi::S5_SLP_TYP => {
+                self.exit.stop(VmExit::PowerOff);
+            }
+            0 => self.ignore(0, format_args!("sleep control value {value:#x}")),
+            2 if value == acpi::RESET_VALUE => self.exit.stop(VmExit::Reset),
+            2 => self.ignore(1, format_args!("reset register value {value:#x}")),
+            // Sleep status: write-one-to-clear bits, none set.
+            _ => {}
+        }
+    }
+}
+
 /// The PIO bus: `serial` on COM1, the i8042 and the debug-exit port
-/// stopping the VM through `exit`.
+/// stopping the VM through `exit`, and with `acpi` the power management
+/// registers.
 pub fn legacy_bus(
     serial: Arc<Mutex<SerialDevice>>,
     exit: &Arc<ExitLatch>,
+    acpi: bool,
 ) -> Result<Bus, BusError> {
     let mut bus = Bus::new();
     bus.insert(u64::from(COM1), 8, serial)?;
@@ -128,6 +176,17 @@ pub fn legacy_bus(
         4,
         Arc::new(Mutex::new(DebugExitPort(exit.clone()))),
     )?;
+    if acpi {
+        let pm = PowerManagement {
+            exit: exit.clone(),
+            logged: [false; 2],
+        };
+        bus.insert(
+            u64::from(acpi::SLEEP_CONTROL_PORT),
+            3,
+            Arc::new(Mutex::new(pm)),
+        )?;
+    }
     Ok(bus)
 }
 
@@ -157,7 +216,36 @@ mod tests {
             crate::console::serial(IrqFd::unregistered().unwrap(), Box::new(sink.clone())).unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
-        (legacy_bus(serial, &exit).unwrap(), sink, exit)
+        (legacy_bus(serial, &exit, true).unwrap(), sink, exit)
+    }
+
+    #[test]
+    fn acpi_s5_powers_off_and_the_reset_register_resets() {
+        let (bus, _, exit) = new_bus();
+        let control = u64::from(acpi::SLEEP_CONTROL_PORT);
+        // Garbage: other sleep types, SLP_EN without S5, S5 without SLP_EN,
+        // wide writes, the status register, a wrong reset value.
+        for (port, value) in [
+            (0, 0x14),
+            (0, 0x20),
+            (0, 0x24),
+            (0, 0xff),
+            (1, 0xff),
+            (2, 0),
+        ] {
+            assert!(bus.write(control + port, &[value]));
+        }
+        assert!(bus.write(control, &0x34u16.to_le_bytes()));
+        assert!(!exit.is_stopping(), "ignored");
+        let mut status = [0xaa];
+        assert!(bus.read(control + 1, &mut status));
+        assert_eq!(status, [0]);
+        bus.write(control, &[SLP_EN | acpi::S5_SLP_TYP << 2]);
+        assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+        assert_eq!(VmExit::PowerOff.status(), 0);
+        let (bus, _, exit) = new_bus();
+        bus.write(control + 2, &[acpi::RESET_VALUE]);
+        assert_eq!(exit.reason(), Some(VmExit::Reset));
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in order (after the disks).
     pub nets: Vec<NetSpec>,
+    /// ACPI tables (and the power management registers) instead of
+    /// command-line device announcements.
+    pub acpi: bool,
 }
 
 /// Errors building or running the VM.
@@ -133,6 +136,7 @@ impl Vmm {
             cmdline: &config.cmdline,
             virtio_mmio: &slots,
             cpus: config.cpus,
+            acpi: config.acpi,
         };
         let boot = boot::load(&frames, &boot_config)?;
         let vm = Vm::new(&frames)?;
@@ -161,7 +165,7 @@ impl Vmm {
             }
             device_events.push(a.events);
         }
-        let pio = pio::legacy_bus(serial, &exit)
+        let pio = pio::legacy_bus(serial, &exit, config.acpi)
             .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
         let buses = Arc::new(Buses { pio, mmio });
         let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;

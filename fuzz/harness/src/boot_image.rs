@@ -5,13 +5,14 @@
 //! ../shared/ADVERSARIAL.md §14.
 //!
 //! Input: a command-line length byte, the command line (lossy UTF-8), a vCPU
-//! count byte, then the image. Checks: loading returns (Ok or a clear error)
-//! without panicking; on success the entry point and the boot structures lie
-//! in guest RAM.
+//! count byte (its top bit: ACPI tables on), then the image. Checks: loading
+//! returns (Ok or a clear error) without panicking; on success the entry
+//! point and the boot structures lie in guest RAM, and with ACPI the RSDP
+//! is where the boot structures say, with valid checksums.
 
 use memory::GuestFrames;
 use memory::guest::Backing;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::boot::{self, BootConfig};
 
 use crate::common::{Input, TempFile, temp_path};
@@ -23,7 +24,9 @@ pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let n = usize::from(input.u8());
     let cmdline = String::from_utf8_lossy(input.bytes(n)).into_owned();
-    let cpus = input.u8() % 4 + 1;
+    let cpu_byte = input.u8();
+    let cpus = cpu_byte % 4 + 1;
+    let acpi = cpu_byte & 0x80 != 0;
     let image = input.rest();
     let path = TempFile(temp_path("kernel"));
     std::fs::write(&path.0, image).expect("temp kernel");
@@ -34,6 +37,7 @@ pub fn run(data: &[u8]) {
         cmdline: &cmdline,
         virtio_mmio: &[(0xd000_0000, 0x1000, 5)],
         cpus,
+        acpi,
     };
     if let Ok(info) = boot::load(&frames, &config) {
         let mem = frames.memory();
@@ -44,5 +48,12 @@ pub fn run(data: &[u8]) {
             info.pml4 == 0 || in_ram(GuestAddress(info.pml4)),
             "page tables outside RAM"
         );
+        assert_eq!(info.rsdp.is_some(), acpi);
+        if let Some(rsdp) = info.rsdp {
+            let mut head = [0u8; 36];
+            mem.read_slice(&mut head, rsdp).expect("RSDP in RAM");
+            let sum = |b: &[u8]| b.iter().fold(0u8, |s, &x| s.wrapping_add(x));
+            assert!(&head[..8] == b"RSD PTR " && sum(&head[..20]) == 0 && sum(&head) == 0);
+        }
     }
 }

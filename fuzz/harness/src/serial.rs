@@ -43,7 +43,7 @@ pub fn run(data: &[u8]) {
     let (serial, _room) = vmm::console::serial(trigger, Box::new(sink.clone())).expect("eventfd");
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
     let exit = Arc::new(ExitLatch::new().expect("eventfd"));
-    let bus = legacy_bus(serial.clone(), &exit).expect("the legacy ports fit");
+    let bus = legacy_bus(serial.clone(), &exit, true).expect("the legacy ports fit");
     let mut input = Input::new(data);
     let mut writes = 0usize;
     let mut dlab = false;
