@@ -15,6 +15,9 @@
 //!   self-test's addresses (`net.rs`); the first occurrence is for net0, the
 //!   next for net1, and so on (at most four); a device without one is left
 //!   alone.
+//! - `testguest.exit=acpi`: after the report, power off through the ACPI
+//!   FADT's sleep control register with the DSDT's `\_S5` value (the
+//!   default report action only; the verdict is in the report).
 //! - `testguest.check=full`: run the O(frames) allocator consistency check
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
 //!
@@ -47,6 +50,9 @@ pub struct Options {
     pub action: Action,
     /// Run the full consistency check regardless of RAM size.
     pub full_check: bool,
+    /// After the report, power off through the FADT's sleep control
+    /// register with the DSDT's `\_S5` (instead of the debug exit).
+    pub acpi_exit: bool,
     /// The block self-test's mode.
     pub blk: Mode,
     /// The network self-test's addresses, per network device.
@@ -73,6 +79,7 @@ pub fn parse(cmdline: &str) -> Options {
                 Err(_) => log!("warning: ignoring {word}: the exit code must be 0..=255"),
             },
             ("check", "full") => options.full_check = true,
+            ("exit", "acpi") => options.acpi_exit = true,
             ("blk", "none") => options.blk = Mode::None,
             ("blk", "read") => options.blk = Mode::Read,
             ("blk", "write") => options.blk = Mode::Write,

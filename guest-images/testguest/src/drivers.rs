@@ -1,13 +1,15 @@
-//! The device part of the self-test: virtio-mmio devices from the command
-//! line, interrupts, the DMA pool, the block self-test on each block device,
-//! and a final check that every DMA buffer went back to the allocator.
+//! The device part of the self-test: virtio-mmio devices from the ACPI DSDT
+//! when the VMM gave ACPI tables, else from the command line; interrupts,
+//! the DMA pool, the block and network self-tests on each device, and a
+//! final check that every DMA buffer went back to the allocator.
 
+use crate::acpi;
 use crate::blk::{self, VIRTIO_ID_BLOCK};
 use crate::cmdline::Options;
-use crate::net::{self, VIRTIO_ID_NET};
 use crate::dma::{DmaError, DmaPool, ToDevice};
 use crate::irq;
 use crate::log;
+use crate::net::{self, VIRTIO_ID_NET};
 use crate::ram::Allocator;
 use crate::startinfo::BOOT_MAPPED_LIMIT;
 use crate::virtio_mmio::{self, MmioDevice};
@@ -17,12 +19,20 @@ pub const DMA_BUDGET_FRAMES: u64 = 256;
 
 /// Runs the device self-tests on `cmdline`'s devices with the allocator
 /// (which the DMA pool takes over); returns whether all passed.
-pub fn run(alloc: Allocator, cmdline: &str, options: &Options) -> bool {
+pub fn run(
+    alloc: Allocator,
+    cmdline: &str,
+    tables: Option<&acpi::Tables>,
+    options: &Options,
+) -> bool {
     let mut pass = true;
-    let found = virtio_mmio::discover(cmdline, |word, why| {
-        log!("error: {word}: {why}");
-        pass = false;
-    });
+    let found = match tables {
+        Some(t) => t.devices,
+        None => virtio_mmio::discover(cmdline, |word, why| {
+            log!("error: {word}: {why}");
+            pass = false;
+        }),
+    };
     if found.ignored > 0 {
         log!(
             "warning: {} virtio_mmio.device entries beyond the first {} ignored",
@@ -31,7 +41,14 @@ pub fn run(alloc: Allocator, cmdline: &str, options: &Options) -> bool {
         );
     }
     if found.windows().is_empty() {
-        log!("virtio: no devices on the command line");
+        log!(
+            "virtio: no devices {}",
+            if tables.is_some() {
+                "in the DSDT"
+            } else {
+                "on the command line"
+            }
+        );
         return pass;
     }
     let mut controllers = match irq::init() {
@@ -54,7 +71,11 @@ pub fn run(alloc: Allocator, cmdline: &str, options: &Options) -> bool {
             }
         };
         if dev.device_id() == VIRTIO_ID_NET {
-            log!("virtio{k}: 0x{:x} irq {}: network, version 2", w.base, w.irq);
+            log!(
+                "virtio{k}: 0x{:x} irq {}: network, version 2",
+                w.base,
+                w.irq
+            );
             let n = nets;
             nets += 1;
             match controllers.route(w.irq) {

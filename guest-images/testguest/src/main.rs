@@ -15,6 +15,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod blk;
 mod boot;
 mod cmdline;
@@ -91,6 +92,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
         log!("warning: {} boot modules ignored", info.modules_ignored);
     }
 
+    let (tables, acpi_ok) = read_acpi(info.rsdp);
+
     let (image_start, image_end) = boot::image_range();
     let image = PhysRange {
         start: image_start,
@@ -150,10 +153,27 @@ extern "C" fn kmain(start_info: u64) -> ! {
     );
 
     let pass = selftest::run(&mut setup, &options);
-    let pass = drivers::run(setup.alloc, info.cmdline(), &options) && pass;
+    let pass =
+        drivers::run(setup.alloc, info.cmdline(), tables.as_ref(), &options) && pass && acpi_ok;
     log!("selftest: {}", if pass { "PASS" } else { "FAIL" });
     let verdict = if pass { EXIT_SUCCESS } else { EXIT_FAILURE };
     match options.action {
+        Action::Report if options.acpi_exit => match tables {
+            Some(t) => {
+                let s5 = t.s5.unwrap_or(0);
+                log!(
+                    "action: ACPI power-off (S5, SLP_TYP {s5}, port 0x{:x})",
+                    t.sleep_control
+                );
+                cpu::outb(t.sleep_control, s5 << 2 | 1 << 5);
+                log!("error: the ACPI power-off did not happen");
+                cpu::exit(EXIT_FAILURE)
+            }
+            None => {
+                log!("error: testguest.exit=acpi without ACPI tables");
+                cpu::exit(EXIT_FAILURE)
+            }
+        },
         Action::Report => cpu::exit(verdict),
         Action::Exit(code) => cpu::exit(code),
         Action::Reset => {
@@ -169,6 +189,51 @@ extern "C" fn kmain(start_info: u64) -> ! {
         Action::TripleFault => {
             log!("action: triple fault");
             cpu::triple_fault()
+        }
+    }
+}
+
+/// Reads and reports the ACPI tables at `rsdp` (0: none); whether they
+/// were sound.
+fn read_acpi(rsdp: u64) -> (Option<acpi::Tables>, bool) {
+    if rsdp == 0 {
+        log!("acpi: no RSDP");
+        return (None, true);
+    }
+    match acpi::read(rsdp) {
+        Ok(t) => {
+            let mut sigs = [0u8; 5 * 8];
+            let mut n = 0;
+            for s in t.listed() {
+                sigs[n..n + 4].copy_from_slice(s);
+                sigs[n + 4] = b' ';
+                n += 5;
+            }
+            let sigs = core::str::from_utf8(&sigs[..n.saturating_sub(1)]).unwrap_or("?");
+            log!(
+                "acpi: RSDP 0x{rsdp:x} revision {}, XSDT: {sigs}",
+                t.revision
+            );
+            log!("acpi: MADT: {} cpus, I/O APIC 0x{:x}", t.cpus, t.ioapic);
+            log!(
+                "acpi: DSDT: {} virtio-mmio devices, COM1 {}, S5 {}",
+                t.devices.windows().len(),
+                if t.com1 { "yes" } else { "no" },
+                t.s5.map_or(-1, i32::from)
+            );
+            for w in t.devices.windows() {
+                log!(
+                    "acpi:   LNRO0005 0x{:x} size 0x{:x} irq {}",
+                    w.base,
+                    w.size,
+                    w.irq
+                );
+            }
+            (Some(t), true)
+        }
+        Err(e) => {
+            log!("acpi: FAIL {e}");
+            (None, false)
         }
     }
 }

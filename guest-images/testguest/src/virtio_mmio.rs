@@ -89,6 +89,17 @@ pub struct Discovered {
 }
 
 impl Discovered {
+    /// Adds a window found elsewhere (the DSDT); beyond [`MAX_DEVICES`] it
+    /// is counted as ignored.
+    pub fn add(&mut self, w: Window) {
+        if self.count < MAX_DEVICES {
+            self.windows[self.count] = w;
+            self.count += 1;
+        } else {
+            self.ignored += 1;
+        }
+    }
+
     /// The usable entries, in command-line order.
     pub fn windows(&self) -> &[Window] {
         &self.windows[..self.count]
