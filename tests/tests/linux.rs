@@ -98,3 +98,39 @@ fn linux_distro_kernel_prints_banner_cmdline_and_our_e820_map() {
         "{outcome}"
     );
 }
+
+#[test]
+#[ignore = "slow, needs a distribution kernel: scripts/fetch-linux.sh"]
+fn linux_distro_kernel_finds_minivmm_acpi_tables_and_every_vcpu() {
+    if !kvm_or_skip("linux_distro_kernel_finds_minivmm_acpi_tables_and_every_vcpu") {
+        return;
+    }
+    // Debian's cloud kernel has no CONFIG_X86_MPPARSE: without ACPI it said
+    // "A valid RSDP was not found" and "Allowing 1 CPUs" with --cpus 2.
+    let mut command = Command::new(minivmm_bin());
+    command.arg("--kernel").arg(linux_kernel()).args([
+        "--mem",
+        "512M",
+        "--cpus",
+        "2",
+        "--cmdline",
+        CMDLINE,
+    ]);
+    let mut vm = Running::start(command);
+    let seen = vm.wait_for(Duration::from_secs(900), |out| {
+        out.contains("smpboot: Allowing") || out.contains("ACPI BIOS Error")
+    });
+    let outcome = vm.terminate();
+    assert!(seen, "no smpboot line: {outcome}");
+    let out = &outcome.stdout;
+    assert!(!out.contains("ACPI BIOS Error"), "{outcome}");
+    assert!(out.contains("ACPI: RSDP 0x00000000000E0000"), "{outcome}");
+    for table in ["XSDT", "FACP", "DSDT", "APIC"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("ACPI: {table} 0x")) && l.contains("MINVMM")),
+            "{table}: {outcome}"
+        );
+    }
+    assert!(out.contains("smpboot: Allowing 2 CPUs"), "{outcome}");
+}

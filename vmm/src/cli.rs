@@ -59,10 +59,9 @@ pub struct Cli {
     pub nets: Vec<NetSpec>,
 
     /// ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) describing the vCPUs and the
-    /// devices, and ACPI power-off and reset: `on`, or `off` for the MP table
-    /// alone and `virtio_mmio.device=` words on the command line (default
-    /// `off` until the test guest reads the DSDT).
-    #[arg(long, value_name = "on|off", default_value = "off")]
+    /// devices, and ACPI power-off and reset: `on` (default), or `off` for the
+    /// MP table alone and `virtio_mmio.device=` words on the command line.
+    #[arg(long, value_name = "on|off", default_value = "on")]
     pub acpi: Switch,
 
     /// Log level: off, error, warn, info, debug or trace.

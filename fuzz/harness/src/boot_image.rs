@@ -5,10 +5,11 @@
 //! ../shared/ADVERSARIAL.md §14.
 //!
 //! Input: a command-line length byte, the command line (lossy UTF-8), a vCPU
-//! count byte (its top bit: ACPI tables on), then the image. Checks: loading
-//! returns (Ok or a clear error) without panicking; on success the entry
-//! point and the boot structures lie in guest RAM, and with ACPI the RSDP
-//! is where the boot structures say, with valid checksums.
+//! count byte (its top bit: ACPI tables on), a virtio device count byte,
+//! then the image. Checks: loading returns (Ok or a clear error) without
+//! panicking; on success the entry point and the boot structures lie in
+//! guest RAM, and with ACPI every table reachable from the RSDP (XSDT, the
+//! tables it lists, the FADT's DSDT) lies in RAM with a valid checksum.
 
 use memory::GuestFrames;
 use memory::guest::Backing;
@@ -25,8 +26,9 @@ pub fn run(data: &[u8]) {
     let n = usize::from(input.u8());
     let cmdline = String::from_utf8_lossy(input.bytes(n)).into_owned();
     let cpu_byte = input.u8();
-    let cpus = cpu_byte % 4 + 1;
+    let cpus = (cpu_byte & 0x7f) % 127 + 1;
     let acpi = cpu_byte & 0x80 != 0;
+    let devices = vmm::virtio::slots(usize::from(input.u8()) % (vmm::virtio::MAX_DEVICES + 1));
     let image = input.rest();
     let path = TempFile(temp_path("kernel"));
     std::fs::write(&path.0, image).expect("temp kernel");
@@ -35,7 +37,7 @@ pub fn run(data: &[u8]) {
         kernel: &path.0,
         initrd: None,
         cmdline: &cmdline,
-        virtio_mmio: &[(0xd000_0000, 0x1000, 5)],
+        virtio_mmio: &devices,
         cpus,
         acpi,
     };
@@ -50,10 +52,43 @@ pub fn run(data: &[u8]) {
         );
         assert_eq!(info.rsdp.is_some(), acpi);
         if let Some(rsdp) = info.rsdp {
-            let mut head = [0u8; 36];
-            mem.read_slice(&mut head, rsdp).expect("RSDP in RAM");
-            let sum = |b: &[u8]| b.iter().fold(0u8, |s, &x| s.wrapping_add(x));
-            assert!(&head[..8] == b"RSD PTR " && sum(&head[..20]) == 0 && sum(&head) == 0);
+            check_acpi(&frames, rsdp);
+        }
+    }
+}
+
+fn sum(b: &[u8]) -> u8 {
+    b.iter().fold(0u8, |s, &x| s.wrapping_add(x))
+}
+
+/// The table at `addr`: in RAM, its checksum valid.
+fn table(frames: &GuestFrames, addr: u64) -> Vec<u8> {
+    let mem = frames.memory();
+    let mut head = [0u8; 36];
+    mem.read_slice(&mut head, GuestAddress(addr))
+        .unwrap_or_else(|_| panic!("ACPI table at {addr:#x} outside RAM"));
+    let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+    let mut t = vec![0u8; len];
+    mem.read_slice(&mut t, GuestAddress(addr))
+        .unwrap_or_else(|_| panic!("ACPI table at {addr:#x} runs out of RAM"));
+    assert_eq!(sum(&t), 0, "checksum of {:?}", &t[..4]);
+    t
+}
+
+/// RSDP -> XSDT -> every table -> the FADT's DSDT.
+fn check_acpi(frames: &GuestFrames, rsdp: GuestAddress) {
+    let mut r = [0u8; 36];
+    frames
+        .memory()
+        .read_slice(&mut r, rsdp)
+        .expect("RSDP in RAM");
+    assert!(&r[..8] == b"RSD PTR " && sum(&r[..20]) == 0 && sum(&r) == 0);
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let xsdt = table(frames, u64_at(&r, 24));
+    for at in (36..xsdt.len()).step_by(8) {
+        let t = table(frames, u64_at(&xsdt, at));
+        if &t[..4] == b"FACP" {
+            table(frames, u64_at(&t, 140));
         }
     }
 }

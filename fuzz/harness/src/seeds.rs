@@ -50,12 +50,23 @@ pub fn all() -> Vec<Seed> {
     out.push((
         "boot_image",
         "elf64-entry",
-        boot_input("console=ttyS0", &elf64()),
+        boot_input("console=ttyS0", 0, 1, &elf64()),
     ));
     out.push((
         "boot_image",
         "bzimage-header",
-        boot_input("console=ttyS0 panic=1", &bzimage()),
+        boot_input("console=ttyS0 panic=1", 0, 1, &bzimage()),
+    ));
+    // ACPI on: two vCPUs and three devices, and 127 vCPUs with sixteen.
+    out.push((
+        "boot_image",
+        "elf64-acpi",
+        boot_input("console=ttyS0", 0x81, 3, &elf64()),
+    ));
+    out.push((
+        "boot_image",
+        "bzimage-acpi-large",
+        boot_input("console=ttyS0", 0xfe, 16, &bzimage64()),
     ));
     out.push(("boot_image", "empty", Vec::new()));
     out
@@ -264,10 +275,10 @@ fn ioapic_session() -> Vec<u8> {
     out
 }
 
-fn boot_input(cmdline: &str, image: &[u8]) -> Vec<u8> {
+fn boot_input(cmdline: &str, cpu_byte: u8, devices: u8, image: &[u8]) -> Vec<u8> {
     let mut out = vec![cmdline.len() as u8];
     out.extend_from_slice(cmdline.as_bytes());
-    out.push(0);
+    out.extend_from_slice(&[cpu_byte, devices]);
     out.extend_from_slice(image);
     out
 }
@@ -302,6 +313,13 @@ fn elf64() -> Vec<u8> {
 
 /// The setup header of a bzImage (boot protocol 2.15) with one setup sector
 /// and 1 KiB of "kernel".
+/// [`bzimage`] declaring the 64-bit entry (`XLF_KERNEL_64`): it loads.
+fn bzimage64() -> Vec<u8> {
+    let mut img = bzimage();
+    img[0x236] = 1;
+    img
+}
+
 fn bzimage() -> Vec<u8> {
     let mut img = vec![0u8; 1024 + 1024];
     img[0x1f1] = 1; // setup_sects
