@@ -137,6 +137,19 @@ fn place(next: &mut u64, len: u32) -> u64 {
     addr
 }
 
+/// Places up to [`MAX_SEGMENTS`] buffers of the given lengths (mod 4 KiB)
+/// and directions: `(addr, len, device_writable)`.
+fn place_all(next: &mut u64, segments: &[(u16, bool)]) -> Vec<(u64, u32, bool)> {
+    segments
+        .iter()
+        .take(MAX_SEGMENTS)
+        .map(|&(len, w)| {
+            let len = u32::from(len % 4096);
+            (place(next, len), len, w)
+        })
+        .collect()
+}
+
 fn run_input(input: &NetInput) {
     let (backend, fake) = FakeBackend::new(input.ufo);
     let mut net = Net::new(
@@ -185,14 +198,7 @@ fn run_input(input: &NetInput) {
                 header,
                 indirect,
             } => {
-                let bufs: Vec<_> = segments
-                    .iter()
-                    .take(MAX_SEGMENTS)
-                    .map(|&(len, w)| {
-                        let len = u32::from(len % 4096);
-                        (place(&mut rig.next, len), len, w)
-                    })
-                    .collect();
+                let bufs = place_all(&mut rig.next, segments);
                 if bufs.is_empty() || !rig.claim(1, descriptors(&bufs, *indirect)) {
                     continue;
                 }
@@ -216,14 +222,7 @@ fn run_input(input: &NetInput) {
                 indirect,
             } => {
                 for _ in 0..count % 8 {
-                    let bufs: Vec<_> = segments
-                        .iter()
-                        .take(MAX_SEGMENTS)
-                        .map(|&(len, w)| {
-                            let len = u32::from(len % 4096);
-                            (place(&mut rig.next, len), len, w)
-                        })
-                        .collect();
+                    let bufs = place_all(&mut rig.next, segments);
                     if bufs.is_empty() || !rig.claim(0, descriptors(&bufs, *indirect)) {
                         break;
                     }
