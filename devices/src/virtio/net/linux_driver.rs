@@ -58,8 +58,6 @@ const RX_BUFFERS: u64 = 0x40_0000;
 pub struct QueueEvents {
     /// Packets completed (sent, or received into the driver's buffers).
     pub packets: u64,
-    /// Bytes of those packets, headers included.
-    pub bytes: u64,
     /// Notifications the driver sent the device.
     pub notifications: u64,
     /// Interrupts the device sent the driver.
@@ -255,10 +253,8 @@ impl<'a> LinuxNet<'a> {
 
     /// The driver reaps transmit completions; returns how many.
     pub fn reap_tx(&mut self) -> u16 {
-        let frame = u64::from(self.frame_len) + HEADER_SIZE as u64;
         let n = self.tx.reap(|_, _| {});
         self.tx.events.packets += u64::from(n);
-        self.tx.events.bytes += u64::from(n) * frame;
         n
     }
 
@@ -298,18 +294,16 @@ impl<'a> LinuxNet<'a> {
     /// each frame's first buffer and length (header included); returns how
     /// many buffers came back.
     pub fn reap_rx(&mut self, mut each: impl FnMut(GuestAddress, u32)) -> u16 {
-        let (mut frames, mut bytes) = (0, 0);
+        let mut frames = 0;
         // One descriptor per chain, in order: a chain's head is its slot.
         let buffer = |head| GuestAddress(RX_BUFFERS + u64::from(BUFFER) * u64::from(head % RING));
         let n = self.rx.reap(|head, len| {
             if len > 0 {
                 frames += 1;
-                bytes += u64::from(len);
             }
             each(buffer(head), len);
         });
         self.rx.events.packets += frames;
-        self.rx.events.bytes += bytes;
         n
     }
 
