@@ -658,6 +658,14 @@ mod tests {
         );
     }
 
+    /// The e820 map as `(start, bytes, kind)`.
+    fn e820(g: &GuestFrames) -> Vec<(u64, u64, E820Kind)> {
+        g.e820_map()
+            .iter()
+            .map(|e| (e.addr.0, e.size, e.kind))
+            .collect()
+    }
+
     #[test]
     fn e820_map_shows_acpi_tables_as_their_own_type_between_reserved_blocks() {
         let g = frames(64 * MIB);
@@ -671,13 +679,8 @@ mod tests {
             .place(Purpose::BootParams, 4096, 4096, GuestAddress(0x9d000))
             .unwrap();
         assert_eq!(zp, GuestAddress(0x9c000));
-        let e820: Vec<_> = g
-            .e820_map()
-            .iter()
-            .map(|e| (e.addr.0, e.size, e.kind))
-            .collect();
         assert_eq!(
-            e820,
+            e820(&g),
             [
                 (0, 0x9c000, E820Kind::Ram),
                 (0x9c000, 0x1000, E820Kind::Reserved),
@@ -712,13 +715,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(initrd, GuestAddress(58 * MIB));
-        let e820: Vec<_> = g
-            .e820_map()
-            .iter()
-            .map(|e| (e.addr.0, e.size, e.kind))
-            .collect();
         assert_eq!(
-            e820,
+            e820(&g),
             [
                 (0, 0x9e000, E820Kind::Ram),
                 (0x9e000, 0x62000, E820Kind::Reserved),
