@@ -15,6 +15,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod api;
+pub mod netns;
+
 /// Set to `1` (CI does) to make tests that need KVM fail instead of skipping.
 pub const REQUIRE_KVM: &str = "MINIVMM_REQUIRE_KVM";
 

@@ -20,9 +20,31 @@ pub const MIN_MEM: u64 = 16 << 20;
 #[derive(Debug, Parser)]
 #[command(name = "minivmm", version, about)]
 pub struct Cli {
-    /// Kernel image: a bzImage, an ELF vmlinux, or a PVH ELF.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Kernel image: a bzImage, an ELF vmlinux, or a PVH ELF. Without it,
+    /// the VM comes from --config-file or the API (--api-sock).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"],
+          conflicts_with = "config_file")]
+    pub kernel: Option<PathBuf>,
+
+    /// Serve Firecracker's API on this Unix socket (HTTP/1.1). Without
+    /// --kernel or --config-file, the VM boots at the API's InstanceStart.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Boot the VM Firecracker's JSON configuration file describes
+    /// (boot-source, drives, machine-config, network-interfaces, logger,
+    /// metrics).
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// No API socket (as Firecracker's --no-api; minivmm serves none unless
+    /// --api-sock is given).
+    #[arg(long)]
+    pub no_api: bool,
+
+    /// The VM's id, reported by GET / (1 to 64 letters, digits, - and _).
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance", value_parser = parse_id)]
+    pub id: String,
 
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
@@ -207,6 +229,21 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         return Err(format!("`{s}` is a multicast address, not a device's"));
     }
     Ok(mac)
+}
+
+/// Parses an instance id: 1 to 64 ASCII letters, digits, `-` and `_`.
+pub fn parse_id(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "`{s}` is not an id (1 to 64 letters, digits, - and _)"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 /// Parses a log level name (case-insensitive).

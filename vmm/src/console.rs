@@ -209,7 +209,10 @@ impl MutEventSubscriber for ConsoleInput {
         if let Err(e) = ops.add(Events::with_data(&self.room, ROOM, EventSet::IN)) {
             log::error!("cannot watch the console's receive FIFO: {e:?}");
         }
-        self.watch(ops);
+        // Also called again when the VM resumes from a pause.
+        if !self.closed {
+            self.watch(ops);
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

@@ -4,10 +4,12 @@
 //! tests drive the same code.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod console;
 pub mod exit;
+pub mod i8042;
 pub mod irq;
 pub mod logger;
 pub mod pio;
@@ -17,3 +19,18 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 pub mod x86;
+
+/// An error and its sources on one line: "Cannot read x: No such file".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}

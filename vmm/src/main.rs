@@ -1,12 +1,11 @@
 //! `minivmm` command line entry point: parse, run, map the outcome to an exit
 //! status (table in `exit.rs` and the README). Every error is one line on stderr.
 
-use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Cli;
-use vmm::run::{self, VmConfig};
+use vmm::run::VmConfig;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -22,8 +21,8 @@ fn main() -> ExitCode {
         }
     };
     vmm::logger::init(cli.log_level);
-    let config = VmConfig {
-        kernel: cli.kernel.clone(),
+    let flags = cli.kernel.clone().map(|kernel| VmConfig {
+        kernel,
         initrd: cli.initrd.clone(),
         cmdline: cli.cmdline().to_owned(),
         mem: cli.mem,
@@ -32,8 +31,14 @@ fn main() -> ExitCode {
         disks: cli.disks.clone(),
         nets: cli.nets.clone(),
         acpi: cli.acpi == vmm::cli::Switch::On,
+    });
+    let launch = vmm::api::Launch {
+        api_sock: cli.api_sock.clone(),
+        config_file: cli.config_file.clone(),
+        id: cli.id.clone(),
+        flags,
     };
-    match run::run(&config) {
+    match vmm::api::launch(launch) {
         Ok(exit) => {
             if exit.status() != 0 {
                 eprintln!("minivmm: {exit}");
@@ -43,7 +48,7 @@ fn main() -> ExitCode {
             ExitCode::from(exit.status() as u8)
         }
         Err(e) => {
-            eprintln!("minivmm: {}", chain(&e));
+            eprintln!("minivmm: {}", vmm::error_chain(&e));
             ExitCode::from(1)
         }
     }
@@ -64,19 +69,4 @@ fn one_line(rendered: &str) -> String {
         "" => "invalid arguments".to_owned(),
         line => line.to_owned(),
     }
-}
-
-/// An error and its sources on one line: "Cannot read x: No such file".
-fn chain(e: &dyn Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line
 }

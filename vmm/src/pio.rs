@@ -1,6 +1,7 @@
 //! The legacy port I/O devices on the PIO bus (a `devices::bus::Bus` of
 //! ports, like the MMIO one): COM1 (vm-superio's 16550), the i8042
-//! (vm-superio's: the CPU reset command), a debug-exit port and, with ACPI,
+//! (`i8042.rs`: CPU reset and a keyboard for Ctrl+Alt+Del), a debug-exit
+//! port and, with ACPI,
 //! the hardware-reduced power management registers the FADT names (ACPI 6.5
 //! §4.8.3.7: sleep control and status; §4.8.3.6: reset). Ports no device
 //! holds read as all ones and ignore writes; the vCPU's exit handler logs
@@ -9,18 +10,20 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusDevice, BusError};
-use vm_superio::{I8042Device, Trigger};
 
 use crate::acpi;
 use crate::console::ConsoleSerial;
 use crate::exit::{ExitLatch, VmExit};
+use crate::i8042::I8042;
 
 /// COM1 base port and its eight registers.
 pub const COM1: u16 = 0x3f8;
 /// The legacy IRQ COM1 raises.
 pub const COM1_IRQ: u32 = 4;
 /// The i8042's ports: data at 0x60, command/status at 0x64.
-pub const I8042: u16 = 0x60;
+pub const I8042_PORT: u16 = 0x60;
+/// The legacy IRQ the i8042's keyboard raises.
+pub const KEYBOARD_IRQ: u32 = 1;
 /// Debug-exit port (as QEMU's `isa-debug-exit,iobase=0xf4`).
 pub const DEBUG_EXIT: u16 = 0xf4;
 
@@ -62,38 +65,6 @@ impl BusDevice for SerialDevice {
             && !std::mem::replace(&mut self.failed, true)
         {
             log::warn!("serial: {e:?} (logged once)");
-        }
-    }
-}
-
-/// What the i8042's CPU reset line does: stop the VM with `VmExit::Reset`.
-#[derive(Debug)]
-pub struct ResetLine(Arc<ExitLatch>);
-
-impl Trigger for ResetLine {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.stop(VmExit::Reset);
-        Ok(())
-    }
-}
-
-/// vm-superio's i8042 on ports 0x60..=0x64: status and data read 0, command
-/// 0xfe pulses the reset line; other accesses are ignored.
-#[derive(Debug)]
-pub struct I8042Port(I8042Device<ResetLine>);
-
-impl BusDevice for I8042Port {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match data {
-            [byte] => *byte = self.0.read(offset as u8),
-            _ => data.fill(0xff),
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [value] = data {
-            let Ok(()) = self.0.write(offset as u8, *value);
         }
     }
 }
@@ -158,18 +129,18 @@ impl BusDevice for PowerManagement {
     }
 }
 
-/// The PIO bus: `serial` on COM1, the i8042 and the debug-exit port
+/// The PIO bus: `serial` on COM1, `i8042` and the debug-exit port
 /// stopping the VM through `exit`, and with `acpi` the power management
 /// registers.
 pub fn legacy_bus(
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     exit: &Arc<ExitLatch>,
     acpi: bool,
 ) -> Result<Bus, BusError> {
     let mut bus = Bus::new();
     bus.insert(u64::from(COM1), 8, serial)?;
-    let i8042 = I8042Device::new(ResetLine(exit.clone()));
-    bus.insert(u64::from(I8042), 5, Arc::new(Mutex::new(I8042Port(i8042))))?;
+    bus.insert(u64::from(I8042_PORT), 5, i8042)?;
     // Four ports wide so that `outl` reaches it as well as `outb`.
     bus.insert(
         u64::from(DEBUG_EXIT),
@@ -196,7 +167,7 @@ mod tests {
     use crate::irq::IrqFd;
     use std::io::Write;
 
-    const I8042_COMMAND: u64 = I8042 as u64 + 4;
+    const I8042_COMMAND: u64 = I8042_PORT as u64 + 4;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -216,7 +187,9 @@ mod tests {
             crate::console::serial(IrqFd::unregistered().unwrap(), Box::new(sink.clone())).unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
-        (legacy_bus(serial, &exit, true).unwrap(), sink, exit)
+        let i8042 = I8042::new(Arc::new(IrqFd::unregistered().unwrap()), exit.clone());
+        let bus = legacy_bus(serial, Arc::new(Mutex::new(i8042)), &exit, true).unwrap();
+        (bus, sink, exit)
     }
 
     #[test]
@@ -262,7 +235,7 @@ mod tests {
         let (bus, _, exit) = new_bus();
         let mut status = [0xaa];
         assert!(bus.read(I8042_COMMAND, &mut status));
-        assert_eq!(status, [0]);
+        assert_eq!(status[0] & 1, 0, "nothing to read");
         bus.write(I8042_COMMAND, &[0x20]);
         assert!(!exit.is_stopping());
         bus.write(I8042_COMMAND, &[0xfe]);

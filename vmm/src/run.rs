@@ -4,7 +4,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -16,9 +16,10 @@ use vmm_sys_util::signal::register_signal_handler;
 use crate::boot::{self, BootConfig};
 use crate::console::{self, ConsoleInput, RawTerminal};
 use crate::exit::{ExitLatch, VmExit};
+use crate::i8042::I8042;
 use crate::irq::IrqFd;
-use crate::pio::{self, COM1_IRQ, SerialDevice};
-use crate::vcpu::{self, Buses, VcpuThreads};
+use crate::pio::{self, COM1_IRQ, KEYBOARD_IRQ, SerialDevice};
+use crate::vcpu::{self, Buses, ExitCounters, PauseGate, VcpuThreads};
 use crate::virtio::{self, DeviceEvents, DeviceHandle, Devices, DiskConfig, NetSpec};
 use crate::vm::{self, Vm};
 use crate::x86::cpuid::CpuTemplate;
@@ -96,7 +97,8 @@ pub struct Vmm {
     buses: Arc<Buses>,
     console: ConsoleInput,
     device_events: Vec<DeviceEvents>,
-    devices: Devices,
+    devices: Arc<Devices>,
+    i8042: Arc<Mutex<I8042>>,
     exit: Arc<ExitLatch>,
     vm: Vm,
     frames: Arc<GuestFrames>,
@@ -165,16 +167,23 @@ impl Vmm {
             }
             device_events.push(a.events);
         }
-        let pio = pio::legacy_bus(serial, &exit, config.acpi)
+        let keyboard = Arc::new(IrqFd::new(&vm, KEYBOARD_IRQ)?);
+        let i8042 = Arc::new(Mutex::new(I8042::new(keyboard, exit.clone())));
+        let pio = pio::legacy_bus(serial, i8042.clone(), &exit, config.acpi)
             .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
-        let buses = Arc::new(Buses { pio, mmio });
+        let buses = Arc::new(Buses {
+            pio,
+            mmio,
+            exits: ExitCounters::default(),
+        });
         let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
         Ok(Vmm {
             vcpus,
             buses,
             console,
             device_events,
-            devices,
+            devices: Arc::new(devices),
+            i8042,
             exit,
             vm,
             frames,
@@ -194,12 +203,22 @@ impl Vmm {
     /// Runs the vCPUs and the event loop until the VM stops; every path
     /// stops and joins every vCPU thread and restores the terminal.
     pub fn run(self) -> Result<VmExit, Error> {
+        self.run_with(|_| Vec::new())
+    }
+
+    /// As [`Vmm::run`], with the event-loop subscribers `control` makes
+    /// from the running VM's handles (the API, the metrics timer).
+    pub fn run_with(
+        self,
+        control: impl FnOnce(Running) -> Vec<Subscriber>,
+    ) -> Result<VmExit, Error> {
         let Vmm {
             vcpus,
             buses,
             console,
             device_events,
             devices,
+            i8042,
             exit,
             vm,
             frames,
@@ -217,7 +236,19 @@ impl Vmm {
             }
         }
         let loop_result = match spawn_error {
-            None => event_loop(&exit, console, device_events),
+            None => {
+                let running = Running {
+                    devices: devices.clone(),
+                    buses: buses.clone(),
+                    vcpus: threads.gate(),
+                    i8042,
+                    exit: exit.clone(),
+                    devices_paused: Arc::new(AtomicBool::new(false)),
+                };
+                let paused = running.devices_paused.clone();
+                let control = control(running);
+                event_loop(&exit, console, device_events, control, &paused)
+            }
             Some(e) => Err(e),
         };
         // Every path stops and joins every vCPU before returning.
@@ -258,26 +289,96 @@ fn attach_serial(vm: &Vm) -> Result<(Arc<Mutex<SerialDevice>>, ConsoleInput), Er
     Ok((serial.clone(), ConsoleInput::new(serial, stdin, room)))
 }
 
-/// Runs the event loop on this thread until the VM stops.
+/// An event-loop subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The handles of a running VM that its controls (the API) use.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The virtio devices.
+    pub devices: Arc<Devices>,
+    /// The buses and the vCPUs' exit counters.
+    pub buses: Arc<Buses>,
+    /// Pauses and resumes the vCPUs.
+    pub vcpus: Arc<PauseGate>,
+    /// The keyboard controller (Ctrl+Alt+Del).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// Stops the VM.
+    pub exit: Arc<ExitLatch>,
+    /// Whether the event loop serves the devices and the console.
+    devices_paused: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Stops the vCPUs at a safe point, then the devices and the console
+    /// (after the batch the event loop is in, if any). False if a vCPU did
+    /// not stop within the gate's timeout.
+    pub fn pause(&self) -> bool {
+        let stopped = self.vcpus.pause();
+        self.devices_paused.store(true, Ordering::Release);
+        stopped
+    }
+
+    /// Lets the devices and the vCPUs run again; notifications that came
+    /// while paused are served (the loop's sources are level-triggered).
+    pub fn resume(&self) {
+        self.devices_paused.store(false, Ordering::Release);
+        self.vcpus.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
+    }
+}
+
+/// Runs the event loop on this thread until the VM stops. While
+/// `devices_paused`, the console and the devices are off the loop (their
+/// notifications wait in their eventfds); `control` and the stop watcher
+/// stay on it.
 fn event_loop(
     exit: &Arc<ExitLatch>,
     console: ConsoleInput,
     notifiers: Vec<DeviceEvents>,
+    control: Vec<Subscriber>,
+    devices_paused: &AtomicBool,
 ) -> Result<(), Error> {
     let host =
         |e: event_manager::Error| Error::Host("the event loop", io::Error::other(e.to_string()));
-    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(host)?;
-    manager.add_subscriber(Arc::new(Mutex::new(console)));
+    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(host)?;
     manager.add_subscriber(Arc::new(Mutex::new(StopWatcher(exit.clone()))));
-    for notifier in notifiers {
-        manager.add_subscriber(Arc::new(Mutex::new(notifier)));
+    for c in control {
+        manager.add_subscriber(c);
     }
+    let mut pausable: Vec<Subscriber> = vec![Arc::new(Mutex::new(console))];
+    pausable.extend(
+        notifiers
+            .into_iter()
+            .map(|n| Arc::new(Mutex::new(n)) as Subscriber),
+    );
+    let mut ids: Vec<_> = pausable
+        .iter()
+        .map(|s| manager.add_subscriber(s.clone()))
+        .collect();
     while !exit.is_stopping() {
         manager.run_with_timeout(100).map_err(host)?;
         let signal = SIGNAL.load(Ordering::Acquire);
         if signal != 0 {
             exit.stop(VmExit::Signal(signal));
+        }
+        match (devices_paused.load(Ordering::Acquire), ids.is_empty()) {
+            (true, false) => {
+                for id in ids.drain(..) {
+                    manager.remove_subscriber(id).map_err(host)?;
+                }
+            }
+            (false, true) => {
+                ids = pausable
+                    .iter()
+                    .map(|s| manager.add_subscriber(s.clone()))
+                    .collect();
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -392,7 +493,15 @@ mod tests {
         let console =
             ConsoleInput::new(Arc::new(Mutex::new(SerialDevice::new(serial))), input, room);
         let loop_exit = exit.clone();
-        let runner = std::thread::spawn(move || event_loop(&loop_exit, console, vec![notifier]));
+        let runner = std::thread::spawn(move || {
+            event_loop(
+                &loop_exit,
+                console,
+                vec![notifier],
+                Vec::new(),
+                &AtomicBool::new(false),
+            )
+        });
         // The device is being served batch after batch, each re-armed.
         let start = Instant::now();
         while batches.load(Ordering::Relaxed) < 100 {

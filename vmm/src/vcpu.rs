@@ -6,9 +6,11 @@
 //! return EINTR) until each thread has finished.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, mpsc};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, register_signal_handler};
@@ -24,6 +26,43 @@ pub struct Buses {
     pub pio: Bus,
     /// MMIO devices (virtio-mmio transports).
     pub mmio: Bus,
+    /// VM exits by kind, over every vCPU.
+    pub exits: ExitCounters,
+}
+
+/// VM exits that reached userspace, by kind (the metrics' `vcpu` section).
+/// Exits KVM handles itself (ioeventfd notifications among them) are not
+/// seen here.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// HLT (with the in-kernel local APIC only when the guest halts for good).
+    pub hlt: AtomicU64,
+    /// KVM_RUN interrupted by a signal (kicks, pause, stop).
+    pub interrupted: AtomicU64,
+    /// Every other exit.
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    fn count(&self, exit: &VcpuExit<'_>) {
+        let counter = match exit {
+            VcpuExit::IoIn(..) => &self.io_in,
+            VcpuExit::IoOut(..) => &self.io_out,
+            VcpuExit::MmioRead(..) => &self.mmio_read,
+            VcpuExit::MmioWrite(..) => &self.mmio_write,
+            VcpuExit::Hlt => &self.hlt,
+            _ => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What the vCPU loop does after an exit.
@@ -44,6 +83,7 @@ pub fn handle_exit(
     vcpu: u8,
     unknown: &Mutex<HashSet<u64>>,
 ) -> Action {
+    buses.exits.count(&exit);
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !buses.pio.read(u64::from(port), data) {
@@ -128,6 +168,7 @@ pub struct VcpuThreads {
     threads: Vec<VcpuThread>,
     finished_tx: mpsc::Sender<()>,
     finished: mpsc::Receiver<()>,
+    gate: Arc<PauseGate>,
 }
 
 impl Default for VcpuThreads {
@@ -137,7 +178,98 @@ impl Default for VcpuThreads {
             threads: Vec::new(),
             finished_tx,
             finished,
+            gate: Arc::new(PauseGate::default()),
         }
+    }
+}
+
+/// Where vCPU threads stop while the VM is paused: after handling an exit,
+/// before entering the guest again (every I/O exit complete on the device
+/// side; a pending MMIO or PIO read is delivered at the next KVM_RUN).
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+    /// The threads to kick, as pthread ids (valid until they are joined,
+    /// which happens only after the event loop, the gate's user, returns).
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+}
+
+/// How long `pause` waits for every vCPU to reach the gate.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops every vCPU at the gate and returns once all are there (false
+    /// if some did not arrive within 5 s; they stop when they do).
+    pub fn pause(&self) -> bool {
+        let threads = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut state = self.lock();
+        state.paused = true;
+        while state.parked < threads.len() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            drop(state);
+            for &t in &threads {
+                // SAFETY: `t` is a thread of this process that has not been
+                // joined (see `threads`); the kick signal's handler is a no-op.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            state = self.lock();
+            // A kick can land just before a thread enters KVM_RUN: kick again
+            // every millisecond until every thread is parked.
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Called by a vCPU thread between exits: waits while paused (and the
+    /// VM is not stopping).
+    fn wait_if_paused(&self, exit: &ExitLatch) {
+        let mut state = self.lock();
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !exit.is_stopping() {
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state.parked -= 1;
     }
 }
 
@@ -151,14 +283,25 @@ impl VcpuThreads {
         exit: Arc<ExitLatch>,
     ) -> std::io::Result<()> {
         let done = Finished(self.finished_tx.clone());
+        let gate = self.gate.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let _done = done;
-                run_loop(vcpu, index, &buses, &exit)
+                run_loop(vcpu, index, &buses, &exit, &gate)
             })?;
+        self.gate
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle.as_pthread_t());
         self.threads.push(VcpuThread { handle });
         Ok(())
+    }
+
+    /// The gate that pauses these threads.
+    pub fn gate(&self) -> Arc<PauseGate> {
+        self.gate.clone()
     }
 
     /// Stops every thread (the latch must already be stopping) and joins them:
@@ -167,8 +310,14 @@ impl VcpuThreads {
     /// enters KVM_RUN).
     pub fn join(self) {
         let VcpuThreads {
-            threads, finished, ..
+            threads,
+            finished,
+            gate,
+            ..
         } = self;
+        // Parked threads see the stopping latch within 100 ms; waking them
+        // now is quicker.
+        gate.changed.notify_all();
         let mut running = threads.len();
         while running > 0 {
             for t in threads.iter().filter(|t| !t.handle.is_finished()) {
@@ -187,13 +336,18 @@ impl VcpuThreads {
     }
 }
 
-fn run_loop(mut vcpu: VcpuFd, index: u8, buses: &Buses, exit: &ExitLatch) {
+fn run_loop(mut vcpu: VcpuFd, index: u8, buses: &Buses, exit: &ExitLatch, gate: &PauseGate) {
     let unknown = Mutex::new(HashSet::new());
     while !exit.is_stopping() {
+        gate.wait_if_paused(exit);
+        if exit.is_stopping() {
+            break;
+        }
         let action = match vcpu.run() {
             Ok(VcpuExit::InternalError) => None,
             Ok(e) => Some(handle_exit(e, buses, index, &unknown)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                buses.exits.interrupted.fetch_add(1, Ordering::Relaxed);
                 Some(Action::Continue)
             }
             Err(e) => Some(Action::Stop(VmExit::RunError {

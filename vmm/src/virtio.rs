@@ -318,6 +318,9 @@ fn lock(transport: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTrans
 
 impl MutEventSubscriber for DeviceEvents {
     fn init(&mut self, ops: &mut EventOps) {
+        // Also called again when the VM resumes from a pause, after the
+        // loop dropped every registration.
+        self.watched.clear();
         for (queue, event) in self.queues.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, queue as u32, EventSet::IN)) {
                 log::error!("cannot watch virtio queue {queue}: {e:?}");

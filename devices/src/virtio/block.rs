@@ -111,7 +111,7 @@ pub struct BlockMetrics {
 }
 
 /// A plain copy of [`BlockMetrics`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[allow(missing_docs)]
 pub struct BlockMetricsSnapshot {
     pub reads: u64,

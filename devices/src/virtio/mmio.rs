@@ -81,7 +81,7 @@ const STATUS_STEPS: [u32; 4] = [
 ];
 
 /// Counters of what the driver did wrong (or merely oddly).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TransportMetrics {
     /// Accesses of the wrong width or alignment, or to unknown registers.
     pub bad_access: u64,

@@ -12,6 +12,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use vmm::exit::ExitLatch;
+use vmm::i8042::I8042;
 use vmm::irq::IrqFd;
 use vmm::pio::{COM1, SerialDevice, legacy_bus};
 
@@ -43,7 +44,9 @@ pub fn run(data: &[u8]) {
     let (serial, _room) = vmm::console::serial(trigger, Box::new(sink.clone())).expect("eventfd");
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
     let exit = Arc::new(ExitLatch::new().expect("eventfd"));
-    let bus = legacy_bus(serial.clone(), &exit, true).expect("the legacy ports fit");
+    let keyboard = Arc::new(IrqFd::unregistered().expect("eventfd"));
+    let i8042 = Arc::new(Mutex::new(I8042::new(keyboard, exit.clone())));
+    let bus = legacy_bus(serial.clone(), i8042, &exit, true).expect("the legacy ports fit");
     let mut input = Input::new(data);
     let mut writes = 0usize;
     let mut dlab = false;

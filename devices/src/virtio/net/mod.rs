@@ -115,7 +115,7 @@ pub struct NetMetrics {
 }
 
 /// A plain copy of [`NetMetrics`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[allow(missing_docs)]
 pub struct NetMetricsSnapshot {
     pub rx_packets: u64,

@@ -1,0 +1,75 @@
+//! A plain HTTP/1.1 client for minivmm's API socket, as Firecracker's SDKs
+//! talk to it: one request per connection, JSON bodies.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Sends `method path` with `body` (empty for none); the status and body.
+pub fn request(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
+    );
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).expect("send the request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read the answer");
+    parse(&answer)
+}
+
+/// The status and body of a whole response.
+pub fn parse(answer: &str) -> (u16, String) {
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Sends a request that must succeed (2xx); its body.
+pub fn ok(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    let (status, answer) = request(sock, method, path, body);
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path} {body}: {status} {answer}"
+    );
+    answer
+}
+
+/// Sends a request that must be refused with 400 and a fault message; the
+/// message.
+pub fn refused(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    let (status, answer) = request(sock, method, path, body);
+    assert_eq!(status, 400, "{method} {path} {body}: {answer}");
+    let prefix = "{\"fault_message\":\"";
+    assert!(answer.starts_with(prefix), "{answer}");
+    answer[prefix.len()..].trim_end_matches("\"}").to_owned()
+}
+
+/// Waits until `sock` exists (minivmm is listening).
+pub fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
