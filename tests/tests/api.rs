@@ -575,3 +575,29 @@ fn api_hostile_clients_are_answered_or_closed_and_the_next_is_served() {
     let (status, _) = request(s, "GET", "/", "");
     assert_eq!(status, 200);
 }
+
+#[test]
+fn boot_timer_takes_the_first_slot_and_the_disks_follow() {
+    let test = "boot_timer_takes_the_first_slot_and_the_disks_follow";
+    if !tests::kvm_or_skip(test) {
+        return;
+    }
+    let scratch = Scratch::new("timer");
+    let disk = scratch.disk();
+    let guest = test_guest();
+    let outcome = tests::minivmm(
+        [
+            "--kernel".as_ref(),
+            guest.as_os_str(),
+            "--disk".as_ref(),
+            disk.as_os_str(),
+            "--boot-timer".as_ref(),
+            "--cmdline".as_ref(),
+            "console=ttyS0 testguest.blk=read".as_ref(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(outcome.code(), 0, "{outcome}");
+    outcome.line("testguest: virtio0: 0xd0001000 irq 6: block");
+    outcome.line("testguest: blk0: PASS");
+}

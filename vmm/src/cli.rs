@@ -42,6 +42,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_api: bool,
 
+    /// Firecracker's boot timer: a guest writing 123 at 0xd0000000 has
+    /// minivmm log the time since the VM was built (info level); the
+    /// virtio devices start one slot later.
+    #[arg(long)]
+    pub boot_timer: bool,
+
     /// The VM's id, reported by GET / (1 to 64 letters, digits, - and _).
     #[arg(long, value_name = "ID", default_value = "anonymous-instance", value_parser = parse_id)]
     pub id: String,

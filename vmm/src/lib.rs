@@ -6,6 +6,7 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod boot_timer;
 pub mod cli;
 pub mod console;
 pub mod exit;

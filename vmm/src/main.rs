@@ -31,11 +31,13 @@ fn main() -> ExitCode {
         disks: cli.disks.clone(),
         nets: cli.nets.clone(),
         acpi: cli.acpi == vmm::cli::Switch::On,
+        boot_timer: cli.boot_timer,
     });
     let launch = vmm::api::Launch {
         api_sock: cli.api_sock.clone(),
         config_file: cli.config_file.clone(),
         id: cli.id.clone(),
+        boot_timer: cli.boot_timer,
         flags,
     };
     match vmm::api::launch(launch) {

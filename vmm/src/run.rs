@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::boot::{self, BootConfig};
+use crate::boot_timer::BootTimer;
 use crate::console::{self, ConsoleInput, RawTerminal};
 use crate::exit::{ExitLatch, VmExit};
 use crate::i8042::I8042;
@@ -28,6 +29,7 @@ use devices::bus::Bus;
 use devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE, IoApic};
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::Block;
+use devices::virtio::mmio::MMIO_SIZE;
 use devices::virtio::net::Net;
 use kvm_ioctls::VcpuFd;
 
@@ -53,6 +55,8 @@ pub struct VmConfig {
     /// ACPI tables (and the power management registers) instead of
     /// command-line device announcements.
     pub acpi: bool,
+    /// Firecracker's boot-time device in the first MMIO slot (`--boot-timer`).
+    pub boot_timer: bool,
 }
 
 /// Errors building or running the VM.
@@ -131,7 +135,9 @@ impl Vmm {
                     .map(|n| Box::new(n) as Box<dyn VirtioDevice>),
             )
             .collect();
-        let slots = virtio::slots(virtio_devices.len());
+        // The boot timer, when asked for, takes the first slot.
+        let first_slot = usize::from(config.boot_timer);
+        let slots = virtio::slots(first_slot, virtio_devices.len());
         let boot_config = BootConfig {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
@@ -148,12 +154,18 @@ impl Vmm {
         let ioapic = IoApic::new(mptable::ioapic_id(config.cpus), Arc::new(vm.routes()));
         mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, Arc::new(Mutex::new(ioapic)))
             .map_err(|e| Error::Host("the I/O APIC", io::Error::other(e.to_string())))?;
-        let attached = virtio::attach(&vm, &frames, &mut mmio, virtio_devices)?;
+        if config.boot_timer {
+            let (base, _) = virtio::slot(0);
+            mmio.insert(base, MMIO_SIZE, Arc::new(Mutex::new(BootTimer::new())))
+                .map_err(|e| Error::Host("the boot timer", io::Error::other(e.to_string())))?;
+        }
+        let attached = virtio::attach(&vm, &frames, &mut mmio, virtio_devices, first_slot)?;
         let mut devices = Devices::default();
         let mut device_events = Vec::with_capacity(attached.len());
-        for (index, a) in attached.into_iter().enumerate() {
+        for (i, a) in attached.into_iter().enumerate() {
             let transport = a.transport;
-            match block_metrics.get(index) {
+            let index = first_slot + i;
+            match block_metrics.get(i) {
                 Some(metrics) => devices.blocks.push(DeviceHandle {
                     index,
                     transport,
@@ -162,7 +174,7 @@ impl Vmm {
                 None => devices.nets.push(DeviceHandle {
                     index,
                     transport,
-                    metrics: net_metrics[index - block_metrics.len()].clone(),
+                    metrics: net_metrics[i - block_metrics.len()].clone(),
                 }),
             }
             device_events.push(a.events);

@@ -104,10 +104,11 @@ pub fn slot(index: usize) -> (u64, u32) {
     )
 }
 
-/// The windows of `count` devices, as `(base, size, irq)`: what the kernel
-/// command line announces (`virtio_mmio.device=4K@0xd0000000:5`).
-pub fn slots(count: usize) -> Vec<(u64, u64, u32)> {
-    (0..count)
+/// The windows of `count` devices from slot `first` on, as `(base, size,
+/// irq)`: what the kernel command line announces
+/// (`virtio_mmio.device=4K@0xd0000000:5`) and the DSDT describes.
+pub fn slots(first: usize, count: usize) -> Vec<(u64, u64, u32)> {
+    (first..first + count)
         .map(|i| {
             let (base, irq) = slot(i);
             (base, MMIO_SIZE, irq)
@@ -218,19 +219,21 @@ pub struct Attached {
     pub events: DeviceEvents,
 }
 
-/// Puts each device on the MMIO bus at its slot, with an irqfd for its
+/// Puts each device on the MMIO bus at its slot (from `first` on), with an irqfd for its
 /// interrupt and an ioeventfd per queue, in slot order.
 pub fn attach(
     vm: &Vm,
     frames: &Arc<GuestFrames>,
     bus: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
+    first: usize,
 ) -> Result<Vec<Attached>, Error> {
-    if devices.len() > MAX_DEVICES {
-        return Err(Error::TooManyDevices(devices.len()));
+    if first + devices.len() > MAX_DEVICES {
+        return Err(Error::TooManyDevices(first + devices.len()));
     }
     let mut attached = Vec::with_capacity(devices.len());
-    for (index, device) in devices.into_iter().enumerate() {
+    for (i, device) in devices.into_iter().enumerate() {
+        let index = first + i;
         let (base, irq) = slot(index);
         let irqfd = IrqFd::new(vm, irq)?;
         let queues = device.queue_max_sizes().len();
@@ -530,10 +533,11 @@ pub(crate) mod tests {
         assert_eq!(slot(0), (0xd000_0000, 5));
         assert_eq!(slot(2), (0xd000_2000, 7));
         assert_eq!(
-            slots(2),
+            slots(0, 2),
             [(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 6)]
         );
-        assert!(slots(0).is_empty());
+        assert!(slots(0, 0).is_empty());
+        assert_eq!(slots(1, 1), vec![(0xd000_1000, 0x1000, 6)]);
         let (last_base, last_irq) = slot(MAX_DEVICES - 1);
         assert!(last_irq < 24 && last_base + MMIO_SIZE <= 0xfec0_0000);
     }

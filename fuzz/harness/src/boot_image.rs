@@ -28,7 +28,7 @@ pub fn run(data: &[u8]) {
     let cpu_byte = input.u8();
     let cpus = (cpu_byte & 0x7f) % 127 + 1;
     let acpi = cpu_byte & 0x80 != 0;
-    let devices = vmm::virtio::slots(usize::from(input.u8()) % (vmm::virtio::MAX_DEVICES + 1));
+    let devices = vmm::virtio::slots(0, usize::from(input.u8()) % (vmm::virtio::MAX_DEVICES + 1));
     let image = input.rest();
     let path = TempFile(temp_path("kernel"));
     std::fs::write(&path.0, image).expect("temp kernel");

@@ -23,12 +23,15 @@
 //! - [`net`]: virtio-net's queues, TAP input and notifications interleaved;
 //!   writes only into receive buffers the device holds and the used rings,
 //!   only valid frames sent.
+//! - [`api_request`]: bytes on the API socket through the HTTP framing,
+//!   the router and the pre-boot controller.
 //! - [`queue_differential`]: our queue against rust-vmm's `virtio-queue` on
 //!   the same rings.
 //!
 //! Inputs are parsed with [`Input`], which reads zeros once the bytes run out,
 //! so every byte string is a valid input.
 
+pub mod api_request;
 pub mod block;
 pub mod boot_image;
 pub mod ioapic;
@@ -57,4 +60,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("boot_image", boot_image::run),
     ("queue_differential", queue_differential::run),
     ("net", net::run),
+    ("api_request", api_request::run),
 ];

@@ -47,6 +47,9 @@ pub fn all() -> Vec<Seed> {
     out.push(("serial", "empty", Vec::new()));
     out.push(("ioapic", "guest-routes-pins", ioapic_session()));
     out.push(("ioapic", "empty", Vec::new()));
+    for (name, session) in api_sessions() {
+        out.push(("api_request", name, session));
+    }
     out.push((
         "boot_image",
         "elf64-entry",
@@ -253,6 +256,48 @@ fn serial_session() -> Vec<u8> {
 
 /// What the test guest and Linux do: version read, then per pin mask,
 /// destination, vector; a remask; an odd-width access.
+/// An HTTP/1.1 request as an API client sends it.
+fn http(method: &str, path: &str, body: &str) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if !body.is_empty() {
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r.into_bytes()
+}
+
+/// Keep-alive sessions: a whole boot's configuration, reads, refusals.
+fn api_sessions() -> Vec<(&'static str, Vec<u8>)> {
+    let boot = [
+        http("PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+        http("PUT", "/boot-source", r#"{"kernel_image_path": "/proc/self/exe", "boot_args": "console=ttyS0"}"#),
+        http("PUT", "/drives/rootfs", r#"{"drive_id": "rootfs", "path_on_host": "/proc/self/exe", "is_root_device": true, "is_read_only": true}"#),
+        http("PUT", "/network-interfaces/eth0", r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01", "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#),
+        http("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+    ]
+    .concat();
+    let reads = [
+        http("GET", "/", ""),
+        http("PATCH", "/machine-config", r#"{"vcpu_count": 4}"#),
+        http("GET", "/vm/config", ""),
+        http("GET", "/machine-config", ""),
+        http("GET", "/version", ""),
+        http("PATCH", "/vm", r#"{"state": "Paused"}"#),
+    ]
+    .concat();
+    let refused = [
+        http("PUT", "/balloon", r#"{"amount_mib": 1, "deflate_on_oom": false}"#),
+        http("PUT", "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 0}"#),
+        b"PUT /actions HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 31\r\n\r\n{\"action_type\": \"FlushMetrics\"}".to_vec(),
+    ]
+    .concat();
+    vec![("boot", boot), ("reads", reads), ("refused", refused)]
+}
+
 fn ioapic_session() -> Vec<u8> {
     let mut out = Vec::new();
     let mut op = |kind: u8, offset: u8, width: u8, value: u32| {

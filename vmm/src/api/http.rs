@@ -398,23 +398,31 @@ fn read_available(c: &mut Connection) -> io::Result<bool> {
 
 /// What the buffer holds.
 #[derive(Debug, PartialEq, Eq)]
-enum Frame {
+pub enum Frame {
     /// Not a whole request yet.
-    Partial { expects_continue: bool },
+    Partial {
+        /// The client waits for `100 Continue` before sending its body.
+        expects_continue: bool,
+    },
     /// A request that cannot be served; the connection closes after the 400.
     Bad(String),
     /// A whole request: its body is `buf[body..length]`.
     Whole {
+        /// The method.
         method: Method,
+        /// The request target.
         path: String,
+        /// Where the body starts.
         body: usize,
+        /// Where the request ends (the next one starts).
         length: usize,
+        /// The client asked to close the connection after the answer.
         close: bool,
     },
 }
 
 /// Frames the first request in `buf`.
-fn frame(buf: &[u8]) -> Frame {
+pub fn frame(buf: &[u8]) -> Frame {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADER_COUNT];
     let mut request = httparse::Request::new(&mut headers);
     let head = match request.parse(buf) {

@@ -37,6 +37,8 @@ pub struct Launch {
     pub config_file: Option<PathBuf>,
     /// `--id`.
     pub id: String,
+    /// `--boot-timer` (for a VM from the config file or the API).
+    pub boot_timer: bool,
     /// The VM the command-line flags describe (`--kernel` ...), started at
     /// once.
     pub flags: Option<VmConfig>,
@@ -72,10 +74,11 @@ pub fn launch(launch: Launch) -> Result<VmExit, Error> {
     let (mut controller, vmm) = match (&launch.config_file, launch.flags) {
         (Some(path), _) => {
             let controller = from_config_file(path, launch.id.clone(), http_metrics)?;
-            let config = controller
+            let mut config = controller
                 .resources()
                 .vm_config()
                 .map_err(|e| Error::Config(path.clone(), e.message))?;
+            config.boot_timer = launch.boot_timer;
             let vmm = Vmm::new(&config)?;
             (controller, vmm)
         }
@@ -96,7 +99,7 @@ pub fn launch(launch: Launch) -> Result<VmExit, Error> {
             };
             let mut controller =
                 Controller::new(launch.id.clone(), VmResources::default(), http_metrics);
-            let vmm = serve_until_start(&mut controller, api)?;
+            let vmm = serve_until_start(&mut controller, api, launch.boot_timer)?;
             (controller, vmm)
         }
     };
@@ -135,7 +138,11 @@ fn from_config_file(
 }
 
 /// Answers API requests until an `InstanceStart` builds the VM.
-fn serve_until_start(controller: &mut Controller, api: &ApiChannel) -> Result<Vmm, Error> {
+fn serve_until_start(
+    controller: &mut Controller,
+    api: &ApiChannel,
+    boot_timer: bool,
+) -> Result<Vmm, Error> {
     loop {
         let Ok(call) = api.calls.recv() else {
             return Err(Error::Config(
@@ -147,7 +154,10 @@ fn serve_until_start(controller: &mut Controller, api: &ApiChannel) -> Result<Vm
             Outcome::Reply(r) => r,
             Outcome::Start => match controller.resources().vm_config() {
                 Err(e) => e.into(),
-                Ok(config) => match Vmm::new(&config) {
+                Ok(mut config) => match Vmm::new(&{
+                    config.boot_timer = boot_timer;
+                    config
+                }) {
                     Ok(vmm) => {
                         let _ = call.reply.send(Response::no_content());
                         return Ok(vmm);

@@ -342,6 +342,7 @@ impl VmResources {
             disks,
             nets,
             acpi: true,
+            boot_timer: false,
         })
     }
 
