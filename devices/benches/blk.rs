@@ -67,6 +67,7 @@ impl<'a> Rig<'a> {
             BlockConfig {
                 read_only: true,
                 serial: None,
+                ..BlockConfig::default()
             },
         )
         .unwrap();

@@ -11,4 +11,5 @@ pub mod bus;
 pub mod disk;
 pub mod file;
 pub mod ioapic;
+pub mod rate_limiter;
 pub mod virtio;

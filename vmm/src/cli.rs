@@ -157,6 +157,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         path: path.into(),
         read_only: false,
         serial: None,
+        rate_limiter: None,
     };
     for option in parts {
         match option.split_once('=') {
@@ -190,6 +191,8 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
         tap,
         mac: None,
         mtu: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
     };
     for option in parts {
         match option.split_once('=') {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::disk::RawFile;
+use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::{Block, BlockConfig, BlockMetrics};
 use devices::virtio::mmio::{MMIO_SIZE, MmioTransport};
 use devices::virtio::net::{DEFAULT_MTU, Net, NetConfig, NetMetrics};
@@ -42,6 +43,8 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Serial reported by GET_ID (at most 20 bytes).
     pub serial: Option<String>,
+    /// Limits on the guest's requests.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Where a `--net` device's frames go.
@@ -62,6 +65,10 @@ pub struct NetSpec {
     pub mac: Option<[u8; 6]>,
     /// The MTU offered to the guest (default 1500).
     pub mtu: Option<u16>,
+    /// Limits on frames to the guest.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on frames from the guest.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Errors setting up virtio devices.
@@ -85,6 +92,9 @@ pub enum Error {
     /// The MMIO bus refused the device window.
     #[error("Cannot place a virtio device at {0:#x}")]
     Bus(u64, #[source] devices::bus::BusError),
+    /// A network device's limiter timer could not be created.
+    #[error("Cannot create a network device's rate limiter")]
+    RateLimiter(#[source] io::Error),
     /// An eventfd could not be created.
     #[error("Cannot create an eventfd")]
     EventFd(#[source] io::Error),
@@ -128,6 +138,7 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<Block>, Error> {
             let config = BlockConfig {
                 read_only: d.read_only,
                 serial: d.serial.clone(),
+                rate_limiter: d.rate_limiter,
             };
             Ok(Block::new(Box::new(file), config)?)
         })
@@ -157,7 +168,10 @@ pub fn open_nets(nets: &[NetSpec]) -> Result<Vec<Net>, Error> {
                 mtu: n.mtu.unwrap_or(DEFAULT_MTU),
             };
             log::info!("virtio-net on TAP {}", tap.name());
-            Ok(Net::new(Box::new(tap), config))
+            let mut net = Net::new(Box::new(tap), config);
+            net.set_rate_limiters(n.rx_rate_limiter, n.tx_rate_limiter)
+                .map_err(Error::RateLimiter)?;
+            Ok(net)
         })
         .collect()
 }

@@ -32,6 +32,12 @@
 //! request; the segment list is a scratch vector the device reuses, so no heap
 //! allocation is sized by a guest number. One `process_queue` call serves at
 //! most a batch of chains and bytes (`BATCH_CHAINS`, `BATCH_BYTES`).
+//!
+//! An optional [`RateLimiter`] charges each request one operation and the
+//! bytes it moved (reads and writes; a refused request moves none). While it
+//! refuses, no chain is taken; its timer (the device's one event source)
+//! resumes the queue. A new backing file ([`DeviceUpdate::Block`]) takes
+//! effect between requests; a new capacity changes the configuration space.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,10 +47,12 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::GuestAddress;
 
 use super::{
-    BATCH_BYTES, BATCH_CHAINS, DescriptorChain, MAX_QUEUE_SIZE, Processed, Queue, QueueError,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    BATCH_BYTES, BATCH_CHAINS, DescriptorChain, DeviceUpdate, EventSource, MAX_QUEUE_SIZE,
+    Processed, Queue, QueueError, UpdateError, UpdateOutcome, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
 };
 use crate::disk::{DiskBackend, SECTOR_SIZE};
+use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -59,6 +67,8 @@ const MAX_ZERO_SECTORS: u32 = 1 << 21;
 /// Bytes of configuration space (up to `write_zeroes_may_unmap` and padding).
 const CONFIG_SIZE: usize = 60;
 const QUEUE_SIZES: [u16; 1] = [MAX_QUEUE_SIZE];
+/// The rate limiter's timer among the device's event sources.
+const LIMITER: u32 = 0;
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +76,9 @@ pub enum BlockError {
     /// The serial does not fit GET_ID's 20 bytes, or is not ASCII.
     #[error("Disk serial {0:?} must be at most 20 ASCII bytes")]
     Serial(String),
+    /// The rate limiter's timer could not be created.
+    #[error("Cannot create the disk's rate limiter")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 /// How a block device is set up.
@@ -75,6 +88,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// GET_ID's answer.
     pub serial: Option<String>,
+    /// Limits on the guest's requests.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Per-device counters (shared with the VMM and tests).
@@ -108,6 +123,10 @@ pub struct BlockMetrics {
     pub out_of_range: AtomicU64,
     /// Host I/O errors.
     pub io_error: AtomicU64,
+    /// Times the rate limiter held requests back.
+    pub rate_limiter_throttled_events: AtomicU64,
+    /// Backing files swapped while the device ran.
+    pub disk_swaps: AtomicU64,
 }
 
 /// A plain copy of [`BlockMetrics`].
@@ -128,6 +147,8 @@ pub struct BlockMetricsSnapshot {
     pub read_only_write: u64,
     pub out_of_range: u64,
     pub io_error: u64,
+    pub rate_limiter_throttled_events: u64,
+    pub disk_swaps: u64,
 }
 
 impl BlockMetrics {
@@ -149,6 +170,8 @@ impl BlockMetrics {
             read_only_write: g(&self.read_only_write),
             out_of_range: g(&self.out_of_range),
             io_error: g(&self.io_error),
+            rate_limiter_throttled_events: g(&self.rate_limiter_throttled_events),
+            disk_swaps: g(&self.disk_swaps),
         }
     }
 }
@@ -189,6 +212,8 @@ pub struct Block {
     metrics: Arc<BlockMetrics>,
     segments: Vec<(GuestAddress, usize)>,
     logged: u8,
+    limiter: Option<RateLimiter>,
+    sources: Vec<EventSource>,
 }
 
 impl Block {
@@ -212,9 +237,45 @@ impl Block {
             metrics: Arc::default(),
             segments: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
             logged: 0,
+            limiter: None,
+            sources: Vec::new(),
         };
         block.config = block.build_config();
+        if let Some(limits) = config.rate_limiter {
+            block
+                .set_rate_limiter(limits)
+                .map_err(BlockError::RateLimiter)?;
+        }
         Ok(block)
+    }
+
+    fn set_rate_limiter(&mut self, config: RateLimiterConfig) -> std::io::Result<()> {
+        RateLimiter::apply(&mut self.limiter, config)?;
+        self.sources = self
+            .limiter
+            .iter()
+            .map(|l| EventSource {
+                fd: l.timer_fd(),
+                token: LIMITER,
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Whether the rate limiter (if any) allows the next request, asked
+    /// only when one is waiting; a refusal is counted.
+    fn limiter_allows(
+        &mut self,
+        queue: &mut Queue,
+        frames: &GuestFrames,
+    ) -> Result<bool, QueueError> {
+        if self.limiter.is_none() || !queue.has_available(frames)? {
+            return Ok(true);
+        }
+        Ok(rate_limiter::allows(
+            &mut self.limiter,
+            &self.metrics.rate_limiter_throttled_events,
+        ))
     }
 
     /// The counters, shareable.
@@ -559,6 +620,9 @@ impl VirtioDevice for Block {
                 done.more = queue.has_available(frames)?;
                 return Ok(done);
             }
+            if !self.limiter_allows(queue, frames)? {
+                return Ok(done);
+            }
             chains += 1;
             let chain = match queue.pop(frames) {
                 Ok(Some(chain)) => chain,
@@ -572,7 +636,9 @@ impl VirtioDevice for Block {
             };
             let moved = self.bytes_moved();
             let result = self.execute(&chain, frames);
-            bytes += self.bytes_moved() - moved;
+            let request_bytes = self.bytes_moved() - moved;
+            bytes += request_bytes;
+            rate_limiter::charge(&mut self.limiter, request_bytes);
             let len = match result {
                 Some((status, written)) => {
                     // The status is the last writable byte (there is one).
@@ -586,8 +652,51 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn event_sources(&self) -> &[EventSource] {
+        &self.sources
+    }
+
+    fn process_event(
+        &mut self,
+        token: u32,
+        queues: &mut [Queue],
+        frames: &GuestFrames,
+    ) -> Result<Processed, QueueError> {
+        let fired = token == LIMITER && rate_limiter::fired(&mut self.limiter);
+        match queues.first_mut() {
+            Some(queue) if fired && queue.is_active() => {
+                let done = self.process_queue(0, queue, frames)?;
+                // No notification re-arms the queue: the timer does.
+                rate_limiter::continue_soon(&mut self.limiter, done);
+                Ok(done)
+            }
+            _ => Ok(Processed::default()),
+        }
+    }
+
     fn reset(&mut self) {
         self.acked = 0;
+    }
+
+    fn update(&mut self, update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {
+        let DeviceUpdate::Block { disk, rate_limiter } = update else {
+            return Err(UpdateError::WrongDevice("block"));
+        };
+        if let Some(limits) = rate_limiter {
+            self.set_rate_limiter(limits).map_err(UpdateError::Timer)?;
+        }
+        let mut outcome = UpdateOutcome::default();
+        if let Some(disk) = disk {
+            self.disk = disk;
+            bump(&self.metrics.disk_swaps);
+            let capacity = self.disk.size() / SECTOR_SIZE;
+            if capacity != self.capacity {
+                self.capacity = capacity;
+                self.config = self.build_config();
+                outcome.config_changed = true;
+            }
+        }
+        Ok(outcome)
     }
 }
 

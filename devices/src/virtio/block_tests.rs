@@ -41,6 +41,7 @@ fn rig(name: &str, read_only: bool) -> Rig {
     let config = BlockConfig {
         read_only,
         serial: Some("serial-0123456789abc".into()),
+        ..BlockConfig::default()
     };
     let mut block = Block::new(Box::new(disk), config).unwrap();
     let features = block.avail_features();
@@ -422,6 +423,7 @@ fn block_serial_longer_than_20_bytes_is_refused() {
     let config = BlockConfig {
         read_only: false,
         serial: Some("123456789012345678901".into()),
+        ..BlockConfig::default()
     };
     assert!(matches!(
         Block::new(Box::new(ZeroDisk), config),
@@ -810,4 +812,103 @@ fn block_chain_larger_than_any_request_is_refused_before_pinning() {
     assert_eq!(r.frames.table().pins(), 3, "only the rings are pinned");
     assert_eq!(r.block.metrics().snapshot().bad_chain, 1);
     r.assert_still_serves();
+}
+
+#[test]
+fn block_rate_limiter_holds_requests_until_its_timer_fires() {
+    use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+    let (mut block, path) = sparse_block("limited", 1 << 20);
+    let ops = TokenBucketConfig {
+        size: 2,
+        one_time_burst: 0,
+        refill_time_ms: 30,
+    };
+    block
+        .update(DeviceUpdate::Block {
+            disk: None,
+            rate_limiter: Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(ops),
+            }),
+        })
+        .unwrap();
+    let sources = block.event_sources().to_vec();
+    assert_eq!(sources.len(), 1, "the limiter's timer is watched");
+    let frames = GuestFrames::new(32 << 20, Backing::Anonymous).unwrap();
+    let (queue, mut driver) = queue_256(&frames, &block);
+    let mut queues = [queue];
+    write_header(&frames, VIRTIO_BLK_T_IN, 0);
+    for i in 0..4u64 {
+        driver.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS + i, 1, true)]);
+    }
+    let done = block.process_queue(0, &mut queues[0], &frames).unwrap();
+    assert!(
+        done.used && !done.more,
+        "throttled is not 'more': no busy loop"
+    );
+    assert_eq!(driver.used_idx(), 2, "the bucket's two requests");
+    // Another notification while throttled takes nothing.
+    block.process_queue(0, &mut queues[0], &frames).unwrap();
+    assert_eq!(driver.used_idx(), 2);
+    assert_eq!(block.metrics().snapshot().rate_limiter_throttled_events, 1);
+    // Before the timer fired, its event does nothing (and does not block).
+    block.process_event(0, &mut queues, &frames).unwrap();
+    assert_eq!(driver.used_idx(), 2);
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    block.process_event(0, &mut queues, &frames).unwrap();
+    assert_eq!(driver.used_idx(), 4, "resumed by the timer");
+    // An unlimited config lets everything through.
+    block
+        .update(DeviceUpdate::Block {
+            disk: None,
+            rate_limiter: Some(RateLimiterConfig::default()),
+        })
+        .unwrap();
+    for i in 0..8u64 {
+        driver.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS + i, 1, true)]);
+    }
+    block.process_queue(0, &mut queues[0], &frames).unwrap();
+    assert_eq!(driver.used_idx(), 12);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn block_swapped_disk_serves_the_new_file_and_reports_its_capacity() {
+    let mut r = rig("swap-old", false);
+    let new_path =
+        std::env::temp_dir().join(format!("devices-blk-{}-swap-new.img", std::process::id()));
+    std::fs::write(&new_path, vec![0x5a; 128 * 512]).unwrap();
+    let disk = RawFile::open(&new_path, false).unwrap();
+    let outcome = r
+        .block
+        .update(DeviceUpdate::Block {
+            disk: Some(Box::new(disk)),
+            rate_limiter: None,
+        })
+        .unwrap();
+    assert!(outcome.config_changed);
+    assert_eq!(r.block.capacity(), 128);
+    let mut capacity = [0u8; 8];
+    r.block.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 128);
+    r.header(VIRTIO_BLK_T_IN, 100);
+    let (status, _) = r.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    let mut data = [0u8; 512];
+    r.frames
+        .memory()
+        .read_slice(&mut data, GuestAddress(DATA))
+        .unwrap();
+    assert!(data.iter().all(|&b| b == 0x5a), "read from the new file");
+    assert_eq!(r.block.metrics().snapshot().disk_swaps, 1);
+    // A net update is refused and changes nothing.
+    assert!(
+        r.block
+            .update(DeviceUpdate::Net {
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .is_err()
+    );
+    std::fs::remove_file(&new_path).unwrap();
 }

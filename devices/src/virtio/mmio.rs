@@ -35,8 +35,10 @@
 //! reaches the transport does the same.
 //!
 //! Choices where the spec leaves room:
-//! - ConfigGeneration counts resets: the devices' configuration does not
-//!   change at run time otherwise;
+//! - ConfigGeneration counts resets and device updates that change the
+//!   configuration space ([`MmioTransport::update_device`], a new disk
+//!   capacity), which also raise a configuration-change interrupt while the
+//!   device is live;
 //! - there are no shared memory regions: SHMLen and SHMBase read all ones for
 //!   any SHMSel; QueueReset (VIRTIO_F_RING_RESET) is not offered, so its
 //!   register is unknown like the legacy ones (reads 0, counted);
@@ -57,8 +59,9 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 
 use super::{
-    EventSource, Interrupt, Notifier, Processed, Queue, QueueError, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    DeviceUpdate, EventSource, Interrupt, Notifier, Processed, Queue, QueueError, UpdateError,
+    UpdateOutcome, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice,
 };
 use crate::bus::BusDevice;
 
@@ -356,6 +359,26 @@ impl MmioTransport {
                 self.device.device_type()
             );
         }
+    }
+
+    /// Applies `update` to the device (between batches: the caller holds
+    /// the transport). Afterwards the chain limits and event sources are
+    /// re-read, and a configuration change advances ConfigGeneration and,
+    /// while the device is live, raises a configuration-change interrupt
+    /// (§4.2.2, §2.1.2). A refused update changes nothing.
+    pub fn update_device(&mut self, update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {
+        let outcome = self.device.update(update)?;
+        for (i, queue) in self.queues.iter_mut().enumerate() {
+            queue.set_chain_limit(self.device.chain_limit(i));
+        }
+        if outcome.config_changed {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if self.live() {
+                self.raise(VIRTIO_MMIO_INT_CONFIG);
+            }
+        }
+        self.update_sources();
+        Ok(outcome)
     }
 
     fn raise(&mut self, bit: u32) {

@@ -18,6 +18,12 @@
 //! guest has no receive buffers) simply by listing something else; the
 //! transport tells the VMM through its [`Notifier`].
 //!
+//! A live device may be reconfigured (the API's PATCH after boot):
+//! [`VirtioDevice::update`] swaps a block device's backing file or a
+//! device's rate limiters; the transport then re-reads the chain limits and
+//! the event sources, and raises a configuration-change interrupt (§2.1.2,
+//! §4.2.2: ConfigGeneration advances) when the configuration space changed.
+//!
 //! Work per call is bounded: a device serves at most [`BATCH_CHAINS`] chains
 //! or [`BATCH_BYTES`] bytes of requests per call and says whether chains are
 //! left ([`Processed::more`]); the VMM then re-arms the queue's event, so the
@@ -35,6 +41,8 @@ use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::disk::DiskBackend;
+use crate::rate_limiter::RateLimiterConfig;
 use memory::GuestFrames;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -87,6 +95,44 @@ pub struct ActivateError {
     /// The host error.
     #[source]
     pub source: io::Error,
+}
+
+/// A change to a live device (the API's PATCH after boot); `None` keeps
+/// what is there.
+#[derive(Debug)]
+pub enum DeviceUpdate {
+    /// A block device's backing file (same read-only setting) and limiter.
+    Block {
+        /// The new backing file.
+        disk: Option<Box<dyn DiskBackend>>,
+        /// New limits (an unlimited config removes them).
+        rate_limiter: Option<RateLimiterConfig>,
+    },
+    /// A network device's limiters.
+    Net {
+        /// Limits on frames to the guest.
+        rx_rate_limiter: Option<RateLimiterConfig>,
+        /// Limits on frames from the guest.
+        tx_rate_limiter: Option<RateLimiterConfig>,
+    },
+}
+
+/// What an update changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpdateOutcome {
+    /// The configuration space changed (a new capacity): the driver is told.
+    pub config_changed: bool,
+}
+
+/// Why an update was refused (nothing was changed).
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The update is for another kind of device.
+    #[error("This update does not apply to a {0} device")]
+    WrongDevice(&'static str),
+    /// A limiter's timer could not be created.
+    #[error("Cannot create a rate limiter's timer")]
+    Timer(#[source] io::Error),
 }
 
 /// What a device model does behind a transport.
@@ -146,6 +192,11 @@ pub trait VirtioDevice: Send + fmt::Debug {
     }
     /// Back to the initial state, inactive (the transport resets the queues).
     fn reset(&mut self);
+    /// Applies a change while the device may be live (the transport calls
+    /// this between batches). Refused by devices that have nothing to change.
+    fn update(&mut self, _update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {
+        Err(UpdateError::WrongDevice("this"))
+    }
 }
 
 /// Raises the device's interrupt line (an irqfd in the VMM, a counter in

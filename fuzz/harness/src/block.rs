@@ -160,6 +160,7 @@ fn run_input(input: &BlockInput) {
         BlockConfig {
             read_only: input.read_only,
             serial: Some("fuzz".into()),
+            ..BlockConfig::default()
         },
     )
     .expect("valid config");

@@ -8,6 +8,7 @@
 //! Firecracker's CPU templates) are parsed and then refused with a message
 //! by `resources.rs`, never dropped.
 
+use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use serde::{Deserialize, Serialize};
 
 /// `MachineConfiguration`.
@@ -98,6 +99,25 @@ pub struct RateLimiter {
     /// Requests (block) or frames (net) as tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucket>,
+}
+
+impl From<TokenBucket> for TokenBucketConfig {
+    fn from(b: TokenBucket) -> Self {
+        TokenBucketConfig {
+            size: b.size,
+            one_time_burst: b.one_time_burst.unwrap_or(0),
+            refill_time_ms: b.refill_time,
+        }
+    }
+}
+
+impl From<RateLimiter> for RateLimiterConfig {
+    fn from(l: RateLimiter) -> Self {
+        RateLimiterConfig {
+            bandwidth: l.bandwidth.map(Into::into),
+            ops: l.ops.map(Into::into),
+        }
+    }
 }
 
 /// `Drive`.

@@ -321,6 +321,7 @@ impl VmResources {
                 path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
                 read_only: d.is_read_only,
                 serial: Some(d.drive_id.chars().take(20).collect()),
+                rate_limiter: d.rate_limiter.map(Into::into),
             })
             .collect();
         let nets = self
@@ -330,6 +331,8 @@ impl VmResources {
                 tap: TapSpec::Name(n.host_dev_name.clone()),
                 mac: n.guest_mac.as_deref().and_then(|m| parse_mac(m).ok()),
                 mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
+                rx_rate_limiter: n.rx_rate_limiter.map(Into::into),
+                tx_rate_limiter: n.tx_rate_limiter.map(Into::into),
             })
             .collect();
         Ok(VmConfig {

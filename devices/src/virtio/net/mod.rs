@@ -26,6 +26,12 @@
 //! is never left readable with nobody to drain it (Firecracker
 //! CVE-2020-16843) and minivmm's memory stays flat under any flood.
 //!
+//! Optional rate limiters ([`DeviceUpdate::Net`]) charge each frame one
+//! operation and its bytes (header excluded): the transmit limiter before a
+//! chain is taken, the receive limiter before a frame is read from the TAP.
+//! While one refuses, its side stops (the TAP is not watched, or no transmit
+//! chain is taken) and its timer, watched as an event source, resumes it.
+//!
 //! Work per call is bounded like virtio-blk's (`BATCH_CHAINS` frames or
 //! `BATCH_BYTES`).
 
@@ -47,9 +53,11 @@ pub use backend::{FakeBackend, FakeState};
 pub use tx::{HeaderError, check_header};
 
 use super::{
-    ActivateError, EventSource, MAX_QUEUE_SIZE, Processed, Queue, QueueError, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    ActivateError, DeviceUpdate, EventSource, MAX_QUEUE_SIZE, Processed, Queue, QueueError,
+    UpdateError, UpdateOutcome, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
 };
+use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
 
 /// virtio device ID of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -67,6 +75,10 @@ const TX: usize = 1;
 const QUEUE_SIZES: [u16; 2] = [MAX_QUEUE_SIZE, MAX_QUEUE_SIZE];
 /// The TAP's token among the device's event sources.
 const TAP: u32 = 0;
+/// The receive limiter's timer.
+const RX_LIMITER: u32 = 1;
+/// The transmit limiter's timer.
+const TX_LIMITER: u32 = 2;
 /// Bytes of configuration space: mac, status, max_virtqueue_pairs, mtu.
 const CONFIG_SIZE: usize = 12;
 
@@ -112,6 +124,10 @@ pub struct NetMetrics {
     pub tap_read_errors: AtomicU64,
     /// Backend write errors.
     pub tap_write_errors: AtomicU64,
+    /// Times the receive limiter held frames back.
+    pub rx_rate_limiter_throttled: AtomicU64,
+    /// Times the transmit limiter held frames back.
+    pub tx_rate_limiter_throttled: AtomicU64,
 }
 
 /// A plain copy of [`NetMetrics`].
@@ -132,6 +148,8 @@ pub struct NetMetricsSnapshot {
     pub bad_chain: u64,
     pub tap_read_errors: u64,
     pub tap_write_errors: u64,
+    pub rx_rate_limiter_throttled: u64,
+    pub tx_rate_limiter_throttled: u64,
 }
 
 impl NetMetrics {
@@ -153,6 +171,8 @@ impl NetMetrics {
             bad_chain: g(&self.bad_chain),
             tap_read_errors: g(&self.tap_read_errors),
             tap_write_errors: g(&self.tap_write_errors),
+            rx_rate_limiter_throttled: g(&self.rx_rate_limiter_throttled),
+            tx_rate_limiter_throttled: g(&self.tx_rate_limiter_throttled),
         }
     }
 }
@@ -177,7 +197,10 @@ pub struct Net {
     config: [u8; CONFIG_SIZE],
     acked: u64,
     active: bool,
-    sources: [EventSource; 1],
+    /// The limiters' timers, then the TAP (last, so it can be left out).
+    sources: Vec<EventSource>,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
     rx: rx::Rx,
     tx: tx::Tx,
     metrics: Arc<NetMetrics>,
@@ -193,7 +216,7 @@ impl Net {
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&config.mtu.to_le_bytes());
-        let sources = [EventSource {
+        let sources = vec![EventSource {
             fd: backend.read_fd(),
             token: TAP,
         }];
@@ -203,6 +226,8 @@ impl Net {
             acked: 0,
             active: false,
             sources,
+            rx_limiter: None,
+            tx_limiter: None,
             rx: rx::Rx::default(),
             tx: tx::Tx::default(),
             metrics: Arc::default(),
@@ -213,6 +238,35 @@ impl Net {
     /// The counters, shareable.
     pub fn metrics(&self) -> Arc<NetMetrics> {
         self.metrics.clone()
+    }
+
+    /// Sets the receive and transmit limiters (`None` keeps one as it is).
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> std::io::Result<()> {
+        if let Some(config) = rx {
+            RateLimiter::apply(&mut self.rx_limiter, config)?;
+        }
+        if let Some(config) = tx {
+            RateLimiter::apply(&mut self.tx_limiter, config)?;
+        }
+        let tap = self.sources[self.sources.len() - 1];
+        self.sources.clear();
+        for (limiter, token) in [
+            (&self.rx_limiter, RX_LIMITER),
+            (&self.tx_limiter, TX_LIMITER),
+        ] {
+            if let Some(l) = limiter {
+                self.sources.push(EventSource {
+                    fd: l.timer_fd(),
+                    token,
+                });
+            }
+        }
+        self.sources.push(tap);
+        Ok(())
     }
 
     fn acked(&self, bit: u32) -> bool {
@@ -326,10 +380,14 @@ impl VirtioDevice for Net {
     }
 
     fn event_sources(&self) -> &[EventSource] {
-        if self.active && !self.rx.waiting() {
-            &self.sources
-        } else {
-            &[]
+        let throttled = self
+            .rx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked);
+        match self.sources.len() {
+            _ if !self.active => &[],
+            n if self.rx.waiting() || throttled => &self.sources[..n - 1],
+            _ => &self.sources,
         }
     }
 
@@ -356,16 +414,52 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         frames: &GuestFrames,
     ) -> Result<Processed, QueueError> {
-        match (token, queues.get_mut(RX)) {
-            (TAP, Some(queue)) if queue.is_active() => self.receive(queue, frames),
-            _ => Ok(Processed::default()),
+        let (index, limiter) = match token {
+            TAP => (RX, None),
+            RX_LIMITER => (RX, Some(&mut self.rx_limiter)),
+            TX_LIMITER => (TX, Some(&mut self.tx_limiter)),
+            _ => return Ok(Processed::default()),
+        };
+        if let Some(slot) = limiter
+            && !rate_limiter::fired(slot)
+        {
+            return Ok(Processed::default());
         }
+        let Some(queue) = queues.get_mut(index).filter(|q| q.is_active()) else {
+            return Ok(Processed::default());
+        };
+        let done = if index == RX {
+            self.receive(queue, frames)?
+        } else {
+            self.transmit(queue, frames)?
+        };
+        // A limiter's wake-up is not level-triggered like the TAP, and no
+        // notification re-arms the queue: the timer continues the work.
+        match token {
+            RX_LIMITER => rate_limiter::continue_soon(&mut self.rx_limiter, done),
+            TX_LIMITER => rate_limiter::continue_soon(&mut self.tx_limiter, done),
+            _ => {}
+        }
+        Ok(done)
     }
 
     fn reset(&mut self) {
         self.acked = 0;
         self.active = false;
         self.rx.reset();
+    }
+
+    fn update(&mut self, update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {
+        let DeviceUpdate::Net {
+            rx_rate_limiter,
+            tx_rate_limiter,
+        } = update
+        else {
+            return Err(UpdateError::WrongDevice("network"));
+        };
+        self.set_rate_limiters(rx_rate_limiter, tx_rate_limiter)
+            .map_err(UpdateError::Timer)?;
+        Ok(UpdateOutcome::default())
     }
 }
 

@@ -674,3 +674,90 @@ fn net_at_full_rings_with_event_idx_notifies_and_interrupts_once_per_ring() {
     );
     assert!(fake.lock().unwrap().to_guest.is_empty());
 }
+
+fn ops_limit(size: u64, refill_time_ms: u64) -> Option<RateLimiterConfig> {
+    Some(RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(crate::rate_limiter::TokenBucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time_ms,
+        }),
+    })
+}
+
+impl Rig {
+    fn event(&mut self, token: u32) -> Processed {
+        let Rig {
+            net,
+            queues,
+            frames,
+            ..
+        } = self;
+        net.process_event(token, queues, frames).unwrap()
+    }
+}
+
+#[test]
+fn net_tx_rate_limiter_holds_frames_until_its_timer_fires() {
+    let mut rig = Rig::new(256, plain());
+    rig.net.set_rate_limiters(None, ops_limit(2, 30)).unwrap();
+    let frames = rig.frames.clone();
+    let mut tx = rig.driver(&frames, 1);
+    for i in 0..5u64 {
+        rig.write(TX_BUFS + i * 0x1000, &frame(100, i as u8));
+        tx.add_chain(&[(TX_BUFS + i * 0x1000, 112, false)]);
+    }
+    let done = rig.notify(1);
+    assert!(!done.more, "throttled is not more work: no busy loop");
+    assert_eq!(rig.sent().len(), 2);
+    assert_eq!(rig.net.metrics().snapshot().tx_rate_limiter_throttled, 1);
+    assert!(
+        rig.net
+            .event_sources()
+            .iter()
+            .any(|s| s.token == TX_LIMITER),
+        "its timer is watched"
+    );
+    assert!(rig.watching(), "receiving is not held back");
+    rig.event(TX_LIMITER); // not fired yet: nothing, and no blocking read
+    assert!(rig.sent().is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    rig.event(TX_LIMITER);
+    assert_eq!(rig.sent().len(), 2, "two more tokens, two more frames");
+    assert_eq!(tx.used_idx(), 4);
+}
+
+#[test]
+fn net_rx_rate_limiter_stops_watching_the_tap_until_its_timer_fires() {
+    let mut rig = Rig::new(256, plain());
+    rig.net.set_rate_limiters(ops_limit(1, 30), None).unwrap();
+    let frames = rig.frames.clone();
+    let mut rx = rig.driver(&frames, 0);
+    for i in 0..4 {
+        rx.add_chain(&[(RX_BUFS + 0x1000 * i, 2048, true)]);
+    }
+    for i in 0..3 {
+        rig.to_guest(frame(100, i));
+    }
+    rig.tap_readable();
+    assert_eq!(rx.used_idx(), 1, "one token");
+    let sources = rig.net.event_sources();
+    assert!(
+        sources.iter().all(|s| s.token != TAP),
+        "throttled: the TAP is not watched, frames wait in it"
+    );
+    assert!(sources.iter().any(|s| s.token == RX_LIMITER));
+    std::thread::sleep(std::time::Duration::from_millis(40));
+    rig.event(RX_LIMITER);
+    assert_eq!(rx.used_idx(), 2);
+    assert_eq!(rig.fake.lock().unwrap().to_guest.len(), 1);
+    // Removing the limits lets the rest through.
+    rig.net
+        .set_rate_limiters(Some(RateLimiterConfig::default()), None)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(40));
+    rig.event(RX_LIMITER);
+    assert_eq!(rx.used_idx(), 3);
+    assert!(rig.watching() && rig.net.event_sources().iter().any(|s| s.token == TAP));
+}

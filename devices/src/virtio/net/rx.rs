@@ -26,6 +26,7 @@ use memory::GuestFrames;
 use vm_memory::{GuestAddress, VolatileMemory};
 
 use super::{HEADER_SIZE, MAX_FRAME, Net, add, bump};
+use crate::rate_limiter;
 use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, DescriptorChain, Processed, Queue, QueueError};
 
 /// Offset of `num_buffers` in the header.
@@ -92,6 +93,13 @@ impl Net {
         }
         let (mut count, mut bytes) = (0, 0u64);
         while count < BATCH_CHAINS && bytes < BATCH_BYTES {
+            if !rate_limiter::allows(
+                &mut self.rx_limiter,
+                &self.metrics.rx_rate_limiter_throttled,
+            ) {
+                // The TAP is not watched until the limiter's timer fires.
+                return Ok(done);
+            }
             count += 1;
             let chain = match self.rx.next.take() {
                 Some(chain) => chain,
@@ -131,6 +139,7 @@ impl Net {
                 continue;
             }
             bytes += n as u64;
+            rate_limiter::charge(&mut self.rx_limiter, (n - HEADER_SIZE) as u64);
             if n <= cap {
                 set_num_buffers(&chain, frames, 1);
                 queue.add_used(frames, chain, n as u32)?;

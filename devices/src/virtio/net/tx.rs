@@ -18,6 +18,7 @@ use virtio_bindings::virtio_net::*;
 use vm_memory::GuestAddress;
 
 use super::{HEADER_SIZE, Net, add, bump};
+use crate::rate_limiter;
 use crate::virtio::{BATCH_BYTES, BATCH_CHAINS, DescriptorChain, Processed, Queue, QueueError};
 
 /// Why a transmit header was refused.
@@ -129,6 +130,16 @@ impl Net {
     ) -> Result<bool, QueueError> {
         self.tx.segments.clear();
         while self.tx.checked.len() < SEND_BATCH && *chains < BATCH_CHAINS {
+            if self.tx_limiter.is_some()
+                && queue.has_available(frames)?
+                && !rate_limiter::allows(
+                    &mut self.tx_limiter,
+                    &self.metrics.tx_rate_limiter_throttled,
+                )
+            {
+                // Resumed by the limiter's timer.
+                return Ok(true);
+            }
             *chains += 1;
             let chain = match queue.pop(frames) {
                 Ok(Some(chain)) => chain,
@@ -141,7 +152,10 @@ impl Net {
                 Err(e) => return Err(e),
             };
             done.used = true;
-            match self.check(&chain, frames) {
+            let checked = self.check(&chain, frames);
+            let frame_len = checked.map_or(0, |(_, len)| len);
+            rate_limiter::charge(&mut self.tx_limiter, frame_len as u64);
+            match checked {
                 Some((header, frame_len)) => {
                     let from = self.tx.segments.len();
                     let mut reader = chain.reader();
