@@ -83,6 +83,15 @@ fn guest_number(outcome: &tests::Outcome, prefix: &str, after: &str) -> u64 {
         .unwrap_or_else(|| panic!("{after} in {line}"))
 }
 
+/// The largest round trip `ping` reported, in milliseconds.
+fn max_rtt_ms(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("rtt min/avg/max/mdev = "))
+        .and_then(|v| v.split('/').nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no rtt line in {out}"))
+}
+
 /// Checks the guest's block and network reports against the metrics file.
 fn check_metrics(outcome: &tests::Outcome, metrics: &Path) {
     let lines = metric_lines(metrics);
@@ -97,6 +106,8 @@ fn check_metrics(outcome: &tests::Outcome, metrics: &Path) {
     // but the read past the end the guest makes on purpose.
     assert!(total(&lines, "block_scratch", "writes") >= 3, "{lines:?}");
     assert_eq!(total(&lines, "block_scratch", "bad_layout"), 0);
+    assert_eq!(total(&lines, "block_scratch", "disk_swaps"), 1, "{lines:?}");
+    assert!(total(&lines, "net_eth0", "rx_rate_limiter_throttled") > 0);
     assert!(total(&lines, "vcpu", "exit_io_out") > 0);
     assert!(total(&lines, "api_server", "ok") >= 8, "{lines:?}");
     assert!(
@@ -201,6 +212,64 @@ fn api_boots_pauses_resumes_and_stops_a_vm_with_a_drive_and_a_network_interface(
     ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     let (received, out) = ping(&ns, 5, 56);
     assert_eq!(received, 5, "{out}");
+    // After boot, PATCH swaps the drive's file and sets limits; the guest
+    // goes on answering through a limited interface.
+    let swapped = scratch.path("swapped.img");
+    std::fs::write(&swapped, vec![9u8; 2 << 20]).unwrap();
+    let patch = serde_json::json!({
+        "drive_id": "scratch", "path_on_host": swapped,
+        "rate_limiter": {"ops": {"size": 100, "refill_time": 100}},
+    });
+    ok(&sock, "PATCH", "/drives/scratch", &patch.to_string());
+    let message = refused(&sock, "PATCH", "/drives/nope", r#"{"drive_id": "nope"}"#);
+    assert!(message.contains("No drive nope"), "{message}");
+    let message = refused(
+        &sock,
+        "PATCH",
+        "/drives/scratch",
+        r#"{"drive_id": "scratch", "path_on_host": "/nonexistent.img"}"#,
+    );
+    assert!(message.contains("/nonexistent.img"), "{message}");
+    let message = refused(
+        &sock,
+        "PATCH",
+        "/drives/scratch",
+        r#"{"drive_id": "scratch", "rate_limiter": {"bandwidth": {"size": 10, "refill_time": 0}}}"#,
+    );
+    assert!(message.contains("refill_time"), "{message}");
+    // Two frames a second to the guest: five pings 200 ms apart are all
+    // answered, the last over a second late; without the limit, promptly.
+    ok(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 1000, "refill_time": 100}},
+            "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 500}}}"#,
+    );
+    let config: Value = serde_json::from_str(&ok(&sock, "GET", "/vm/config", "")).unwrap();
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        swapped.to_str().unwrap()
+    );
+    assert_eq!(config["drives"][0]["rate_limiter"]["ops"]["size"], 100);
+    assert_eq!(
+        config["network-interfaces"][0]["rx_rate_limiter"]["ops"]["refill_time"],
+        500
+    );
+    // `-w`: wait for every reply (plain `ping` stops after two round trips).
+    let out = ns.run("ping", &["-c", "5", "-i", "0.2", "-w", "10", GUEST]);
+    assert!(out.contains("5 received"), "{out}");
+    // The fifth, sent at 0.8 s, is let in at 2 s at the earliest.
+    assert!(max_rtt_ms(&out) >= 1100.0, "not paced:\n{out}");
+    ok(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "rx_rate_limiter": {}}"#,
+    );
+    let (received, out) = ping(&ns, 5, 56);
+    assert_eq!(received, 5, "{out}");
+    assert!(max_rtt_ms(&out) < 900.0, "still paced:\n{out}");
     ok(
         &sock,
         "PUT",

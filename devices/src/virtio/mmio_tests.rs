@@ -10,7 +10,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::mock::MockDriver;
-use crate::virtio::{ActivateError, EventSource, MAX_QUEUE_SIZE, Notifier, Processed, QueueError};
+use crate::virtio::{
+    ActivateError, DeviceUpdate, EventSource, MAX_QUEUE_SIZE, Notifier, Processed, QueueError,
+    UpdateError, UpdateOutcome,
+};
 
 const RINGS: GuestAddress = GuestAddress(0x10_0000);
 const DATA: u64 = 0x20_0000;
@@ -113,6 +116,15 @@ impl VirtioDevice for FakeDevice {
     fn reset(&mut self) {
         self.resets.fetch_add(1, Ordering::SeqCst);
         self.sources.clear();
+    }
+    /// A net update is "a new configuration"; anything else is refused.
+    fn update(&mut self, update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {
+        match update {
+            DeviceUpdate::Net { .. } => Ok(UpdateOutcome {
+                config_changed: true,
+            }),
+            DeviceUpdate::Block { .. } => Err(UpdateError::WrongDevice("fake")),
+        }
     }
 }
 
@@ -667,5 +679,37 @@ fn mmio_device_that_cannot_activate_needs_reset() {
     assert!(!rig.transport.process_event(SOURCE.token));
     *rig.fail_activate.lock().unwrap() = false;
     rig.w(VIRTIO_MMIO_STATUS, 0);
+    rig.assert_serves();
+}
+
+#[test]
+fn mmio_device_update_that_changes_the_config_interrupts_a_live_driver() {
+    let net = || DeviceUpdate::Net {
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    };
+    let mut rig = Rig::new();
+    // Before DRIVER_OK: the generation moves, nobody is interrupted.
+    let generation = rig.r(VIRTIO_MMIO_CONFIG_GENERATION);
+    rig.transport.update_device(net()).unwrap();
+    assert_eq!(rig.r(VIRTIO_MMIO_CONFIG_GENERATION), generation + 1);
+    assert_eq!(rig.irq.0.load(Ordering::SeqCst), 0);
+    rig.assert_serves();
+    let irqs = rig.irq.0.load(Ordering::SeqCst);
+    rig.transport.update_device(net()).unwrap();
+    assert_eq!(rig.irq.0.load(Ordering::SeqCst), irqs + 1);
+    assert_eq!(
+        rig.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG,
+        VIRTIO_MMIO_INT_CONFIG
+    );
+    // A refused update changes nothing.
+    let generation = rig.r(VIRTIO_MMIO_CONFIG_GENERATION);
+    let refused = DeviceUpdate::Block {
+        disk: None,
+        rate_limiter: None,
+    };
+    assert!(rig.transport.update_device(refused).is_err());
+    assert_eq!(rig.r(VIRTIO_MMIO_CONFIG_GENERATION), generation);
+    rig.w(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
     rig.assert_serves();
 }

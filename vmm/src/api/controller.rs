@@ -6,9 +6,12 @@
 //! again, and its timerfd writes the metrics every `metrics::PERIOD`.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+use devices::disk::{DiskBackend, RawFile};
+use devices::virtio::DeviceUpdate;
+use devices::virtio::mmio::MmioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::{Map, Value, json};
 use vmm_sys_util::epoll::EventSet;
@@ -210,30 +213,62 @@ impl Controller {
         }
     }
 
+    /// `PATCH /drives/{id}` after boot: a new backing file (opened with the
+    /// drive's read-only setting; the guest sees a configuration change if
+    /// the capacity differs) and/or new limits, applied between requests.
     fn patch_drive(&mut self, patch: PartialDrive) -> Outcome {
-        let Some(index) = self
-            .resources
-            .ordered_drives()
-            .iter()
-            .position(|d| d.drive_id == patch.drive_id)
-        else {
-            return fault(&format!("No drive {}", patch.drive_id));
+        let index = match self.resources.check_drive_patch(&patch) {
+            Ok(index) => index,
+            Err(e) => return Outcome::Reply(e.into()),
         };
-        let _ = index;
-        fault("Updating a drive after boot is not supported yet")
+        let read_only = self.resources.ordered_drives()[index].is_read_only;
+        let disk = match &patch.path_on_host {
+            Some(path) => match RawFile::open(Path::new(path), read_only) {
+                Ok(file) => Some(Box::new(file) as Box<dyn DiskBackend>),
+                Err(e) => return fault(&format!("path_on_host: {}", crate::error_chain(&e))),
+            },
+            None => None,
+        };
+        let update = DeviceUpdate::Block {
+            disk,
+            rate_limiter: patch.rate_limiter.map(Into::into),
+        };
+        let handle = self
+            .running
+            .as_ref()
+            .and_then(|r| r.devices.blocks.get(index));
+        match handle.map(|h| update_device(&h.transport, update)) {
+            Some(Ok(())) => {
+                self.resources.record_drive_patch(patch);
+                done()
+            }
+            Some(Err(e)) => fault(&e),
+            None => fault(&format!("No device for drive {}", patch.drive_id)),
+        }
     }
 
+    /// `PATCH /network-interfaces/{id}` after boot: new limits.
     fn patch_net(&mut self, patch: PartialNetworkInterface) -> Outcome {
-        let Some(index) = self
-            .resources
-            .nets
-            .iter()
-            .position(|n| n.iface_id == patch.iface_id)
-        else {
-            return fault(&format!("No network interface {}", patch.iface_id));
+        let index = match self.resources.check_net_patch(&patch) {
+            Ok(index) => index,
+            Err(e) => return Outcome::Reply(e.into()),
         };
-        let _ = index;
-        fault("Updating a network interface after boot is not supported yet")
+        let update = DeviceUpdate::Net {
+            rx_rate_limiter: patch.rx_rate_limiter.map(Into::into),
+            tx_rate_limiter: patch.tx_rate_limiter.map(Into::into),
+        };
+        let handle = self
+            .running
+            .as_ref()
+            .and_then(|r| r.devices.nets.get(index));
+        match handle.map(|h| update_device(&h.transport, update)) {
+            Some(Ok(())) => {
+                self.resources.record_net_patch(patch);
+                done()
+            }
+            Some(Err(e)) => fault(&e),
+            None => fault(&format!("No device for interface {}", patch.iface_id)),
+        }
     }
 
     fn instance_info(&self) -> InstanceInfo {
@@ -349,6 +384,16 @@ impl Controller {
         }
         out
     }
+}
+
+/// Applies `update` to a device between its batches (the event loop, which
+/// runs them, is the thread calling this).
+fn update_device(transport: &Mutex<MmioTransport>, update: DeviceUpdate) -> Result<(), String> {
+    let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+    transport
+        .update_device(update)
+        .map(|_| ())
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// Opens a log file or named pipe for appending, without waiting for a

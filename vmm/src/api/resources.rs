@@ -297,6 +297,71 @@ impl VmResources {
             .collect()
     }
 
+    /// Checks a `PATCH /drives/{id}` after boot; returns the drive's device
+    /// index (devices are attached in [`ordered_drives`](Self::ordered_drives)
+    /// order).
+    pub fn check_drive_patch(&self, patch: &PartialDrive) -> Result<usize, ApiError> {
+        let index = self
+            .ordered_drives()
+            .iter()
+            .position(|d| d.drive_id == patch.drive_id)
+            .ok_or_else(|| bad(format!("No drive {}", patch.drive_id)))?;
+        if let Some(path) = &patch.path_on_host {
+            check_file("path_on_host", path)?;
+        }
+        if let Some(limiter) = &patch.rate_limiter {
+            check_limiter("rate_limiter", limiter)?;
+        }
+        Ok(index)
+    }
+
+    /// Records a drive patch the device applied (for `GET /vm/config`).
+    pub fn record_drive_patch(&mut self, patch: PartialDrive) {
+        if let Some(d) = self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == patch.drive_id)
+        {
+            if patch.path_on_host.is_some() {
+                d.path_on_host = patch.path_on_host;
+            }
+            if patch.rate_limiter.is_some() {
+                d.rate_limiter = patch.rate_limiter;
+            }
+        }
+    }
+
+    /// Checks a `PATCH /network-interfaces/{id}` after boot; returns the
+    /// interface's device index.
+    pub fn check_net_patch(&self, patch: &PartialNetworkInterface) -> Result<usize, ApiError> {
+        let index = self
+            .nets
+            .iter()
+            .position(|n| n.iface_id == patch.iface_id)
+            .ok_or_else(|| bad(format!("No network interface {}", patch.iface_id)))?;
+        for (name, limiter) in [
+            ("rx_rate_limiter", &patch.rx_rate_limiter),
+            ("tx_rate_limiter", &patch.tx_rate_limiter),
+        ] {
+            if let Some(l) = limiter {
+                check_limiter(name, l)?;
+            }
+        }
+        Ok(index)
+    }
+
+    /// Records an interface patch the device applied.
+    pub fn record_net_patch(&mut self, patch: PartialNetworkInterface) {
+        if let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == patch.iface_id) {
+            if patch.rx_rate_limiter.is_some() {
+                n.rx_rate_limiter = patch.rx_rate_limiter;
+            }
+            if patch.tx_rate_limiter.is_some() {
+                n.tx_rate_limiter = patch.tx_rate_limiter;
+            }
+        }
+    }
+
     /// The [`VmConfig`] to boot, at `InstanceStart`.
     pub fn vm_config(&self) -> Result<VmConfig, ApiError> {
         let boot = self.boot.as_ref().ok_or_else(|| {
