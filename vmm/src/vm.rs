@@ -12,7 +12,7 @@
 //! here, 14-20 ms of every run's exit; with the split irqchip the VM fd closes
 //! in 0.2 ms.
 //!
-//! Only this module and `vcpu.rs` issue KVM ioctls.
+//! Only this module, `vcpu.rs` and `vcpu_state.rs` issue KVM ioctls.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,6 +123,11 @@ impl Vm {
             fd: self.fd.clone(),
             failed: AtomicBool::new(false),
         }
+    }
+
+    /// The open `/dev/kvm` (system ioctls: MSR lists, supported CPUID).
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
     }
 
     /// Most vCPUs KVM accepts for this VM.
