@@ -657,6 +657,10 @@ impl BusDevice for MmioTransport {
     }
 }
 
+#[path = "mmio_state.rs"]
+mod state;
+pub use state::{StateError, TransportState};
+
 #[cfg(test)]
 #[path = "mmio_tests.rs"]
 mod tests;

@@ -713,3 +713,110 @@ fn mmio_device_update_that_changes_the_config_interrupts_a_live_driver() {
     rig.w(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
     rig.assert_serves();
 }
+
+#[test]
+fn mmio_state_restored_into_a_new_transport_serves_the_next_request() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    let frames = rig.frames.clone();
+    let mut driver = MockDriver::new(&frames, SIZE, RINGS);
+    driver.set_avail_idx(1);
+    // Offered before the snapshot, served after it.
+    let head = driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 1, true)]);
+    let state = rig.transport.save_state().unwrap();
+    assert!(state.active && state.queues[0].active);
+
+    let irq = Arc::new(CountingInterrupt::default());
+    let mut restored =
+        MmioTransport::new(Box::new(FakeDevice::default()), frames.clone(), irq.clone());
+    restored.restore_state(&state).unwrap();
+    assert_eq!(restored.status(), 0b1111);
+    assert_eq!(
+        restored.event_sources(),
+        [SOURCE],
+        "the device was activated again"
+    );
+    restored.write(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &0u32.to_le_bytes());
+    assert_eq!(driver.used_idx(), 2);
+    assert_eq!(driver.used_elem(1), (u32::from(head), 1));
+    assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+    assert_eq!(restored.save_state().unwrap().queues[0].next_avail, 2);
+}
+
+#[test]
+fn mmio_hostile_state_is_refused_and_leaves_a_reset_device() {
+    let mut rig = Rig::new();
+    rig.assert_serves();
+    let good = rig.transport.save_state().unwrap();
+    let frames = rig.frames.clone();
+    let fresh = || {
+        MmioTransport::new(
+            Box::new(FakeDevice::default()),
+            frames.clone(),
+            Arc::new(CountingInterrupt::default()),
+        )
+    };
+    let cases: Vec<(TransportState, &str)> = vec![
+        (
+            TransportState {
+                device_type: 2,
+                ..good.clone()
+            },
+            "device type",
+        ),
+        (
+            TransportState {
+                queues: vec![],
+                ..good.clone()
+            },
+            "queues",
+        ),
+        (
+            TransportState {
+                status: 0b1101,
+                ..good.clone()
+            },
+            "step skipped",
+        ),
+        (
+            TransportState {
+                status: 0x1000_000f,
+                ..good.clone()
+            },
+            "undefined bits",
+        ),
+        (
+            TransportState {
+                acked_features: good.acked_features | 1 << 40,
+                ..good.clone()
+            },
+            "not offered",
+        ),
+        (
+            TransportState {
+                interrupt_status: 4,
+                ..good.clone()
+            },
+            "interrupt status",
+        ),
+        (
+            TransportState {
+                status: 0b1011,
+                ..good.clone()
+            },
+            "not live",
+        ),
+    ];
+    for (state, expected) in cases {
+        let mut t = fresh();
+        let e = t.restore_state(&state).unwrap_err();
+        assert!(e.to_string().contains(expected), "{expected}: {e}");
+        assert_eq!(t.status(), 0);
+        assert!(t.event_sources().is_empty());
+    }
+    let mut bad_queue = good.clone();
+    bad_queue.queues[0].used_ring = 1 << 40;
+    let e = fresh().restore_state(&bad_queue).unwrap_err();
+    assert!(matches!(e, StateError::Queue { index: 0, .. }), "{e}");
+    fresh().restore_state(&good).unwrap();
+}

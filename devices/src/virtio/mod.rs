@@ -47,8 +47,8 @@ use memory::GuestFrames;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use queue::{
-    ChainError, DescriptorChain, MAX_QUEUE_SIZE, Queue, QueueError, ReadableBuffer, Reader,
-    ShortChain, WritableBuffer, Writer,
+    ChainError, DescriptorChain, MAX_QUEUE_SIZE, Queue, QueueError, QueueState, ReadableBuffer,
+    Reader, ShortChain, WritableBuffer, Writer,
 };
 
 /// Feature bit: virtio 1.x device (§6).
@@ -192,6 +192,13 @@ pub trait VirtioDevice: Send + fmt::Debug {
     }
     /// Back to the initial state, inactive (the transport resets the queues).
     fn reset(&mut self);
+    /// Gives back to its queue every chain the device holds but has not
+    /// used ([`Queue::unpop`], newest first), so a snapshot finds no chain
+    /// in flight; the VM is paused. A device holding nothing (the default)
+    /// does nothing.
+    fn quiesce(&mut self, _queues: &mut [Queue], _frames: &GuestFrames) -> Result<(), QueueError> {
+        Ok(())
+    }
     /// Applies a change while the device may be live (the transport calls
     /// this between batches). Refused by devices that have nothing to change.
     fn update(&mut self, _update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {

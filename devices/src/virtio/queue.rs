@@ -812,6 +812,10 @@ fn merge(value: u64, low: Option<u32>, high: Option<u32>) -> u64 {
     (high << 32) | low
 }
 
+#[path = "queue_state.rs"]
+mod state;
+pub use state::QueueState;
+
 #[cfg(test)]
 #[path = "queue_tests.rs"]
 mod tests;

@@ -683,3 +683,95 @@ fn queue_marks_the_used_ring_dirty_once_when_the_batch_ends() {
     queue.end_batch(&frames);
     assert!(!dirty_used(&frames), "and not again without new entries");
 }
+
+#[test]
+fn queue_state_saved_between_chains_resumes_in_a_new_queue() {
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    for _ in 0..3 {
+        assert_still_serves(&mut queue, &mut driver, &frames);
+    }
+    // A chain offered but not taken when the state is saved is taken after.
+    let head = driver.add_chain(&[(DATA, 16, false), (DATA + 0x1000, 8, true)]);
+    let state = queue.state().expect("nothing in flight");
+    assert_eq!(
+        (state.next_avail, state.next_used, state.active),
+        (3, 3, true)
+    );
+    let mut restored = Queue::new(MAX_QUEUE_SIZE);
+    restored.restore(&state, &frames).unwrap();
+    assert_eq!(restored.state(), Some(state));
+    let chain = serve_one(&mut restored, &frames);
+    assert_eq!(chain.head(), head);
+    restored.add_used(&frames, chain, 8).unwrap();
+    assert_eq!(driver.used_idx(), 4);
+    assert_still_serves(&mut restored, &mut driver, &frames);
+}
+
+#[test]
+fn queue_state_is_refused_with_chains_in_flight_until_they_are_given_back() {
+    let frames = frames();
+    let (mut queue, mut driver) = setup(&frames);
+    let first = driver.add_chain(&[(DATA, 16, false)]);
+    let second = driver.add_chain(&[(DATA + 0x1000, 16, false)]);
+    let a = serve_one(&mut queue, &frames);
+    let b = serve_one(&mut queue, &frames);
+    assert_eq!(queue.state(), None);
+    queue.unpop(b).unwrap();
+    queue.unpop(a).unwrap();
+    let state = queue.state().expect("given back");
+    assert_eq!(state.next_avail, 0);
+    assert_eq!(serve_one(&mut queue, &frames).head(), first);
+    assert_eq!(serve_one(&mut queue, &frames).head(), second);
+}
+
+#[test]
+fn queue_state_from_a_hostile_snapshot_is_checked_like_the_drivers_writes() {
+    let frames = frames();
+    let (queue, _driver) = setup(&frames);
+    let good = queue.state().unwrap();
+    let mut fresh = Queue::new(MAX_QUEUE_SIZE);
+    for (state, expected) in [
+        (
+            QueueState {
+                size: 3,
+                ..good.clone()
+            },
+            "size",
+        ),
+        (
+            QueueState {
+                size: 512,
+                ..good.clone()
+            },
+            "size",
+        ),
+        (
+            QueueState {
+                used_ring: 64 << 20,
+                ..good.clone()
+            },
+            "RAM",
+        ),
+        (
+            QueueState {
+                desc_table: good.desc_table + 8,
+                ..good.clone()
+            },
+            "misaligned",
+        ),
+        (
+            QueueState {
+                ready: false,
+                ..good.clone()
+            },
+            "ready",
+        ),
+    ] {
+        let e = fresh.restore(&state, &frames).unwrap_err();
+        assert!(e.to_string().contains(expected), "{e}");
+        assert!(!fresh.is_active());
+    }
+    fresh.restore(&good, &frames).unwrap();
+    assert!(fresh.is_active());
+}

@@ -118,6 +118,9 @@ pub struct NetMetrics {
     pub rx_no_buffers: AtomicU64,
     /// Frames that waited for more buffers (MRG_RXBUF) in the spill buffer.
     pub rx_deferred: AtomicU64,
+    /// Frames partly delivered when a snapshot was taken, dropped (their
+    /// buffers went back to the ring unused).
+    pub rx_dropped_at_snapshot: AtomicU64,
     /// Malformed chains returned by the queue (both queues).
     pub bad_chain: AtomicU64,
     /// Backend read errors (but for nothing to read).
@@ -145,6 +148,7 @@ pub struct NetMetricsSnapshot {
     pub rx_too_large: u64,
     pub rx_no_buffers: u64,
     pub rx_deferred: u64,
+    pub rx_dropped_at_snapshot: u64,
     pub bad_chain: u64,
     pub tap_read_errors: u64,
     pub tap_write_errors: u64,
@@ -168,6 +172,7 @@ impl NetMetrics {
             rx_too_large: g(&self.rx_too_large),
             rx_no_buffers: g(&self.rx_no_buffers),
             rx_deferred: g(&self.rx_deferred),
+            rx_dropped_at_snapshot: g(&self.rx_dropped_at_snapshot),
             bad_chain: g(&self.bad_chain),
             tap_read_errors: g(&self.tap_read_errors),
             tap_write_errors: g(&self.tap_write_errors),
@@ -447,6 +452,13 @@ impl VirtioDevice for Net {
         self.acked = 0;
         self.active = false;
         self.rx.reset();
+    }
+
+    fn quiesce(&mut self, queues: &mut [Queue], _frames: &GuestFrames) -> Result<(), QueueError> {
+        let Some(queue) = queues.get_mut(RX) else {
+            return Ok(());
+        };
+        self.rx.give_back(queue, &self.metrics)
     }
 
     fn update(&mut self, update: DeviceUpdate) -> Result<UpdateOutcome, UpdateError> {

@@ -761,3 +761,61 @@ fn net_rx_rate_limiter_stops_watching_the_tap_until_its_timer_fires() {
     assert_eq!(rx.used_idx(), 3);
     assert!(rig.watching() && rig.net.event_sources().iter().any(|s| s.token == TAP));
 }
+
+impl Rig {
+    fn quiesce(&mut self) {
+        let Rig {
+            net,
+            queues,
+            frames,
+            ..
+        } = self;
+        net.quiesce(queues, frames).unwrap();
+        assert!(
+            queues.iter().all(|q| q.state().is_some()),
+            "nothing in flight"
+        );
+    }
+}
+
+#[test]
+fn net_quiesce_gives_back_the_chain_waiting_for_a_frame() {
+    let mut rig = Rig::new(256, plain());
+    let frames = rig.frames.clone();
+    let mut rx = rig.driver(&frames, 0);
+    let head = rx.add_chain(&[(RX_BUFS, 2048, true)]);
+    rig.tap_readable(); // pops the chain, the TAP has nothing
+    assert_eq!(rig.queues[0].in_flight(), 1);
+    rig.quiesce();
+    rig.to_guest(frame(100, 1));
+    rig.tap_readable();
+    assert_eq!(rx.used_idx(), 1);
+    assert_eq!(
+        rx.used_elem(0).0,
+        u32::from(head),
+        "the same chain, taken again"
+    );
+}
+
+#[test]
+fn net_quiesce_drops_a_partly_delivered_frame_and_returns_its_buffers_unused() {
+    let mut rig = Rig::new(256, linux());
+    let frames = rig.frames.clone();
+    let mut rx = rig.driver(&frames, 0);
+    rx.add_chain(&[(RX_BUFS, 2048, true)]);
+    rig.to_guest(frame(4000, 4));
+    rig.to_guest(frame(50, 5));
+    rig.tap_readable();
+    assert_eq!(
+        rig.queues[0].in_flight(),
+        1,
+        "held for the rest of the frame"
+    );
+    rig.quiesce();
+    assert_eq!(rig.net.metrics().snapshot().rx_dropped_at_snapshot, 1);
+    assert_eq!(rx.used_idx(), 0);
+    // After the snapshot the buffers serve the next frame whole.
+    rig.notify(0);
+    assert_eq!(rx.used_idx(), 1);
+    assert_eq!(rx.used_elem(0).1, 62);
+}

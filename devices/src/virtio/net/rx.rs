@@ -70,6 +70,30 @@ impl Rx {
         self.waiting = false;
     }
 
+    /// Gives every chain held back to `queue`, newest first, for a snapshot:
+    /// the chain waiting for a frame, or those of a frame partly delivered
+    /// (which is dropped: the guest never saw it).
+    pub(super) fn give_back(
+        &mut self,
+        queue: &mut Queue,
+        metrics: &super::NetMetrics,
+    ) -> Result<(), QueueError> {
+        if let Some(chain) = self.next.take() {
+            queue.unpop(chain)?;
+        }
+        if !self.held.is_empty() {
+            bump(&metrics.rx_dropped_at_snapshot);
+        }
+        while let Some((chain, _)) = self.held.pop() {
+            queue.unpop(chain)?;
+        }
+        self.tail = 0..0;
+        // The chains are available again: if the VM resumes, the TAP must
+        // be watched (the guest will not notify for them a second time).
+        self.waiting = false;
+        Ok(())
+    }
+
     /// Drops every chain held (a reset: they are from an old generation).
     pub(super) fn reset(&mut self) {
         self.next = None;
