@@ -80,6 +80,18 @@ pub struct IoApicMetrics {
     pub route_updates: u64,
 }
 
+/// What an [`IoApic`] needs to resume (snapshots): its registers; the
+/// routes follow from the entries.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoApicState {
+    /// The ID register.
+    pub id: u32,
+    /// IOREGSEL.
+    pub select: u8,
+    /// The redirection entries.
+    pub entries: Vec<u64>,
+}
+
 /// The I/O APIC.
 #[derive(Debug)]
 pub struct IoApic {
@@ -113,6 +125,30 @@ impl IoApic {
     /// The redirection entry of `pin`.
     pub fn entry(&self, pin: usize) -> Option<u64> {
         self.entries.get(pin).copied()
+    }
+
+    /// The state to save.
+    pub fn state(&self) -> IoApicState {
+        IoApicState {
+            id: self.id,
+            select: self.select,
+            entries: self.entries.to_vec(),
+        }
+    }
+
+    /// Restores `state` (bits a driver cannot write are cleared, as on a
+    /// register write) and pushes the routes it implies. False, with
+    /// nothing changed, for a state with the wrong number of pins.
+    pub fn restore(&mut self, state: &IoApicState) -> bool {
+        let Ok(entries) = <[u64; IOAPIC_PINS]>::try_from(state.entries.as_slice()) else {
+            return false;
+        };
+        self.id = state.id & (0xf << 24);
+        self.select = state.select;
+        self.entries = entries.map(|e| e & WRITABLE);
+        self.routes = self.entries.map(Self::route);
+        self.sink.set_routes(&self.routes);
+        true
     }
 
     /// The route an entry asks for, if an MSI can carry it.
@@ -247,6 +283,26 @@ mod tests {
         write_reg(&mut io, REG_VERSION, 0);
         assert_eq!(read_reg(&mut io, REG_VERSION), 0x0017_0011, "read-only");
         assert_eq!(io.metrics().bad_access, 1);
+    }
+
+    #[test]
+    fn ioapic_state_restored_pushes_the_same_routes() {
+        let (mut io, rec) = ioapic();
+        write_reg(&mut io, REG_TABLE + 8, 0x31);
+        write_reg(&mut io, REG_TABLE + 9, 0x0100_0000);
+        let state = io.state();
+        let (mut fresh, fresh_rec) = ioapic();
+        assert!(fresh.restore(&state));
+        assert_eq!(fresh.state(), state);
+        assert_eq!(
+            fresh_rec.0.lock().unwrap().last(),
+            rec.0.lock().unwrap().last()
+        );
+        let short = IoApicState {
+            entries: vec![0; 3],
+            ..state
+        };
+        assert!(!fresh.restore(&short));
     }
 
     #[test]

@@ -57,7 +57,47 @@ pub struct I8042 {
     exit: Arc<ExitLatch>,
 }
 
+/// The controller's registers and keyboard buffer, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// A command waiting for its data byte.
+    pub pending: Option<u8>,
+    /// Bytes the guest has not read.
+    pub buffer: Vec<u8>,
+}
+
 impl I8042 {
+    /// The state to save.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending: self.pending,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    /// Restores `state`; false (nothing changed) for a buffer longer than
+    /// the controller's.
+    pub fn restore(&mut self, state: &I8042State) -> bool {
+        if state.buffer.len() > BUFFER {
+            return false;
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending = state.pending;
+        self.buffer = state.buffer.iter().copied().collect();
+        true
+    }
+
     /// A controller raising `irq` (IRQ 1) and resetting through `exit`.
     pub fn new(irq: Arc<dyn Interrupt>, exit: Arc<ExitLatch>) -> Self {
         I8042 {

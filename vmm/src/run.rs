@@ -103,9 +103,27 @@ pub struct Vmm {
     device_events: Vec<DeviceEvents>,
     devices: Arc<Devices>,
     i8042: Arc<Mutex<I8042>>,
+    machine: Machine,
     exit: Arc<ExitLatch>,
     vm: Vm,
     frames: Arc<GuestFrames>,
+}
+
+/// What a snapshot reads of a running VM besides its devices and vCPUs.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// The KVM VM (its clock).
+    pub vm: Arc<kvm_ioctls::VmFd>,
+    /// The MSRs KVM saves for each vCPU.
+    pub msrs: Arc<[u32]>,
+    /// Guest RAM.
+    pub frames: Arc<GuestFrames>,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The I/O APIC.
+    pub ioapic: Arc<Mutex<IoApic>>,
+    /// What the VM was built from.
+    pub config: Arc<VmConfig>,
 }
 
 impl Vmm {
@@ -151,8 +169,11 @@ impl Vmm {
         let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
         let (serial, console) = attach_serial(&vm)?;
         let mut mmio = Bus::new();
-        let ioapic = IoApic::new(mptable::ioapic_id(config.cpus), Arc::new(vm.routes()));
-        mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, Arc::new(Mutex::new(ioapic)))
+        let ioapic = Arc::new(Mutex::new(IoApic::new(
+            mptable::ioapic_id(config.cpus),
+            Arc::new(vm.routes()),
+        )));
+        mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, ioapic.clone())
             .map_err(|e| Error::Host("the I/O APIC", io::Error::other(e.to_string())))?;
         if config.boot_timer {
             let (base, _) = virtio::slot(0);
@@ -181,6 +202,16 @@ impl Vmm {
         }
         let keyboard = Arc::new(IrqFd::new(&vm, KEYBOARD_IRQ)?);
         let i8042 = Arc::new(Mutex::new(I8042::new(keyboard, exit.clone())));
+        let msrs = crate::vcpu_state::msr_list(vm.kvm())
+            .map_err(|e| Error::Host("the MSR list", io::Error::other(e.to_string())))?;
+        let machine = Machine {
+            vm: vm.fd_arc(),
+            msrs: msrs.into(),
+            frames: frames.clone(),
+            serial: serial.clone(),
+            ioapic,
+            config: Arc::new(config.clone()),
+        };
         let pio = pio::legacy_bus(serial, i8042.clone(), &exit, config.acpi)
             .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
         let buses = Arc::new(Buses {
@@ -196,6 +227,7 @@ impl Vmm {
             device_events,
             devices: Arc::new(devices),
             i8042,
+            machine,
             exit,
             vm,
             frames,
@@ -231,6 +263,7 @@ impl Vmm {
             device_events,
             devices,
             i8042,
+            machine,
             exit,
             vm,
             frames,
@@ -254,6 +287,7 @@ impl Vmm {
                     buses: buses.clone(),
                     vcpus: threads.gate(),
                     i8042,
+                    machine,
                     exit: exit.clone(),
                     devices_paused: Arc::new(AtomicBool::new(false)),
                 };
@@ -315,6 +349,8 @@ pub struct Running {
     pub vcpus: Arc<PauseGate>,
     /// The keyboard controller (Ctrl+Alt+Del).
     pub i8042: Arc<Mutex<I8042>>,
+    /// The VM, RAM and legacy devices, for snapshots.
+    pub machine: Machine,
     /// Stops the VM.
     pub exit: Arc<ExitLatch>,
     /// Whether the event loop serves the devices and the console.

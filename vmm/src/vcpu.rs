@@ -18,6 +18,7 @@ use vmm_sys_util::signal::{Killable, register_signal_handler};
 use devices::bus::Bus;
 
 use crate::exit::{ExitLatch, VmExit};
+use crate::vcpu_state::{self, VcpuState};
 
 /// What a vCPU's I/O exits reach.
 #[derive(Debug)]
@@ -199,6 +200,16 @@ pub struct PauseGate {
 struct GateState {
     paused: bool,
     parked: usize,
+    /// A request to parked vCPUs to save their state (snapshots).
+    save: Option<SaveRequest>,
+}
+
+/// What `PauseGate::save_states` asks of the parked vCPUs: the MSRs to
+/// read, and a slot per vCPU for its answer.
+#[derive(Debug)]
+struct SaveRequest {
+    msrs: Arc<[u32]>,
+    states: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// How long `pause` waits for every vCPU to reach the gate.
@@ -253,9 +264,49 @@ impl PauseGate {
         self.lock().paused
     }
 
+    /// The state of every vCPU of a paused VM, each read by its own thread
+    /// at the gate; `msrs` from [`vcpu_state::msr_list`].
+    pub fn save_states(&self, msrs: Vec<u32>, vcpus: usize) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut state = self.lock();
+        if !state.paused || state.parked < vcpus {
+            return Err("the vCPUs are not paused".to_owned());
+        }
+        state.save = Some(SaveRequest {
+            msrs: msrs.into(),
+            states: (0..vcpus).map(|_| None).collect(),
+        });
+        self.changed.notify_all();
+        loop {
+            let done = state
+                .save
+                .as_ref()
+                .is_some_and(|r| r.states.iter().all(Option::is_some));
+            if done || Instant::now() >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let request = state.save.take().expect("set above");
+        request
+            .states
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(format!("vCPU {i}: {e}")),
+                None => Err(format!("vCPU {i} did not save its state within 5 s")),
+            })
+            .collect()
+    }
+
     /// Called by a vCPU thread between exits: waits while paused (and the
-    /// VM is not stopping).
-    fn wait_if_paused(&self, exit: &ExitLatch) {
+    /// VM is not stopping), saving its state when asked.
+    fn wait_if_paused(&self, exit: &ExitLatch, vcpu: &VcpuFd, index: u8) {
         let mut state = self.lock();
         if !state.paused {
             return;
@@ -263,6 +314,22 @@ impl PauseGate {
         state.parked += 1;
         self.changed.notify_all();
         while state.paused && !exit.is_stopping() {
+            let slot = usize::from(index);
+            if let Some(request) = &state.save
+                && request.states.get(slot).is_some_and(Option::is_none)
+            {
+                let msrs = request.msrs.clone();
+                drop(state);
+                let saved = vcpu_state::save(vcpu, &msrs).map_err(|e| crate::error_chain(&e));
+                state = self.lock();
+                if let Some(request) = &mut state.save
+                    && let Some(s) = request.states.get_mut(slot)
+                {
+                    *s = Some(saved);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             state = self
                 .changed
                 .wait_timeout(state, Duration::from_millis(100))
@@ -339,7 +406,7 @@ impl VcpuThreads {
 fn run_loop(mut vcpu: VcpuFd, index: u8, buses: &Buses, exit: &ExitLatch, gate: &PauseGate) {
     let unknown = Mutex::new(HashSet::new());
     while !exit.is_stopping() {
-        gate.wait_if_paused(exit);
+        gate.wait_if_paused(exit, &vcpu, index);
         if exit.is_stopping() {
             break;
         }

@@ -112,6 +112,11 @@ impl Vm {
         })
     }
 
+    /// The VM file descriptor, shared (the snapshot code reads its clock).
+    pub fn fd_arc(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
     /// The VM file descriptor (for ioeventfds, irqfds).
     pub fn fd(&self) -> &VmFd {
         &self.fd

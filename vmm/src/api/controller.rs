@@ -43,6 +43,7 @@ struct VmmCounters {
     pauses: u64,
     resumes: u64,
     ctrl_alt_del: u64,
+    snapshots: u64,
 }
 
 /// The API's state: the VM's description, and once it runs, its handles.
@@ -209,6 +210,7 @@ impl Controller {
             Request::Action(ActionType::InstanceStart) => fault("The microVM is already running"),
             Request::PatchDrive(d) => self.patch_drive(d),
             Request::PatchNetworkInterface(n) => self.patch_net(n),
+            Request::CreateSnapshot(p) => self.create_snapshot(p),
             _ => fault(AFTER_START),
         }
     }
@@ -244,6 +246,28 @@ impl Controller {
             }
             Some(Err(e)) => fault(&e),
             None => fault(&format!("No device for drive {}", patch.drive_id)),
+        }
+    }
+
+    /// `PUT /snapshot/create` of the paused VM (full snapshots only).
+    fn create_snapshot(&mut self, params: SnapshotCreateParams) -> Outcome {
+        let Some(running) = &self.running else {
+            return fault(BEFORE_START);
+        };
+        if params.snapshot_type == SnapshotType::Diff {
+            return fault("Diff snapshots are not supported yet; take a Full one");
+        }
+        let result = crate::snapshot::create::create(
+            running,
+            Path::new(&params.snapshot_path),
+            Path::new(&params.mem_file_path),
+        );
+        match result {
+            Ok(()) => {
+                self.counters.snapshots += 1;
+                done()
+            }
+            Err(e) => fault(&crate::error_chain(&e)),
         }
     }
 
@@ -320,6 +344,7 @@ impl Controller {
                 "pauses": self.counters.pauses,
                 "resumes": self.counters.resumes,
                 "ctrl_alt_del": self.counters.ctrl_alt_del,
+                "snapshots": self.counters.snapshots,
                 "metrics_lines": written,
                 "metrics_lines_lost": lost,
             }),

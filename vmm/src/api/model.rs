@@ -202,6 +202,29 @@ pub struct PartialNetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// `SnapshotCreateParams.snapshot_type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest RAM.
+    #[default]
+    Full,
+    /// Only what changed since the last snapshot (not yet: refused).
+    Diff,
+}
+
+/// `SnapshotCreateParams`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where guest RAM is written.
+    pub mem_file_path: String,
+    /// Where the state is written.
+    pub snapshot_path: String,
+    /// Full (default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
 /// `InstanceActionInfo.action_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum ActionType {

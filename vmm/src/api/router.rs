@@ -29,6 +29,7 @@ pub enum Request {
     PatchVm(VmState),
     PutLogger(Logger),
     PutMetrics(Metrics),
+    CreateSnapshot(SnapshotCreateParams),
 }
 
 /// The HTTP methods the API uses.
@@ -77,7 +78,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("balloon", "balloon devices"),
     ("vsock", "vsock devices"),
     ("mmds", "the microVM metadata service (MMDS)"),
-    ("snapshot", "snapshots"),
     ("entropy", "entropy devices"),
     ("hotplug", "memory hotplug"),
     ("pmem", "pmem devices"),
@@ -135,6 +135,12 @@ pub fn route(method: Method, path: &str, body: &[u8]) -> Result<Request, ApiErro
         (Patch, ["vm"]) => Request::PatchVm(parse::<Vm>(body)?.state),
         (Put, ["logger"]) => Request::PutLogger(parse(body)?),
         (Put, ["metrics"]) => Request::PutMetrics(parse(body)?),
+        (Put, ["snapshot", "create"]) => Request::CreateSnapshot(parse(body)?),
+        (_, ["snapshot", ..]) => {
+            return Err(ApiError::bad_request(
+                "minivmm does not support /snapshot/load yet (restore with a new process is issue 14's next step)",
+            ));
+        }
         _ => {
             let shown: String = path.chars().take(64).collect();
             return Err(ApiError::bad_request(format!(
@@ -285,12 +291,35 @@ mod tests {
             ("/balloon/statistics", "balloon"),
             ("/vsock", "vsock"),
             ("/mmds/config", "MMDS"),
-            ("/snapshot/create", "snapshots"),
+            ("/snapshot/load", "/snapshot/load"),
             ("/entropy", "entropy"),
             ("/hotplug/memory", "hotplug"),
         ] {
             assert!(fault(put(path, "{}")).contains(name), "{path}");
         }
+    }
+
+    #[test]
+    fn snapshot_create_takes_firecrackers_body() {
+        let body = r#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#;
+        assert_eq!(
+            put("/snapshot/create", body),
+            Ok(Request::CreateSnapshot(SnapshotCreateParams {
+                mem_file_path: "/m".into(),
+                snapshot_path: "/s".into(),
+                snapshot_type: SnapshotType::Full,
+            }))
+        );
+        assert!(
+            fault(put("/snapshot/create", r#"{"snapshot_path": "/s"}"#)).contains("mem_file_path")
+        );
+        assert!(
+            fault(put(
+                "/snapshot/create",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "version": "1"}"#
+            ))
+            .contains("unknown field")
+        );
     }
 
     #[test]

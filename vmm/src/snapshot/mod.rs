@@ -1,5 +1,8 @@
 //! Snapshots of a paused VM (issue 14): the state file's format
-//! ([`format`]); the vCPU state it holds is read and written by
-//! `crate::vcpu_state`.
+//! ([`format`]), what it holds ([`state`]), and taking one ([`create`]).
+//! The vCPU state is read and written by `crate::vcpu_state`, each vCPU's
+//! by its own thread at the pause gate.
 
+pub mod create;
 pub mod format;
+pub mod state;
