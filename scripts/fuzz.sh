@@ -19,7 +19,7 @@ seconds="${FUZZ_SECONDS:-60}"
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(virtqueue virtio_mmio block serial ioapic boot_image queue_differential net api_request)
+    targets=(virtqueue virtio_mmio block serial ioapic boot_image queue_differential net api_request snapshot_state)
 fi
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 

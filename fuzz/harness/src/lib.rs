@@ -25,6 +25,8 @@
 //!   only valid frames sent.
 //! - [`api_request`]: bytes on the API socket through the HTTP framing,
 //!   the router and the pre-boot controller.
+//! - [`snapshot_state`]: bytes as a snapshot state file through its
+//!   header checks and its decoder.
 //! - [`queue_differential`]: our queue against rust-vmm's `virtio-queue` on
 //!   the same rings.
 //!
@@ -39,6 +41,7 @@ pub mod net;
 pub mod queue_differential;
 pub mod seeds;
 pub mod serial;
+pub mod snapshot_state;
 pub mod virtio_mmio;
 pub mod virtqueue;
 
@@ -61,4 +64,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("queue_differential", queue_differential::run),
     ("net", net::run),
     ("api_request", api_request::run),
+    ("snapshot_state", snapshot_state::run),
 ];

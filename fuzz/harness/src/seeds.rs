@@ -50,6 +50,13 @@ pub fn all() -> Vec<Seed> {
     for (name, session) in api_sessions() {
         out.push(("api_request", name, session));
     }
+    let state = snapshot_state_file();
+    out.push((
+        "snapshot_state",
+        "payload-one-vcpu-one-disk",
+        state[32..].to_vec(),
+    ));
+    out.push(("snapshot_state", "file-one-vcpu-one-disk", state));
     out.push((
         "boot_image",
         "elf64-entry",
@@ -268,6 +275,56 @@ fn http(method: &str, path: &str, body: &str) -> Vec<u8> {
     r.push_str("\r\n");
     r.push_str(body);
     r.into_bytes()
+}
+
+/// A state file with one vCPU (KVM's reset values) and one disk's transport.
+fn snapshot_state_file() -> Vec<u8> {
+    use vmm::snapshot::state::{SavedDisk, VmState};
+    let vcpu = vmm::vcpu_state::VcpuState {
+        regs: Default::default(),
+        sregs: Default::default(),
+        xsave: Default::default(),
+        xcrs: Default::default(),
+        debug_regs: Default::default(),
+        lapic: Default::default(),
+        events: Default::default(),
+        mp_state: Default::default(),
+        msrs: vec![Default::default(); 3],
+        cpuid: vec![Default::default(); 2],
+        tsc_khz: Some(2_000_000),
+    };
+    let device = devices::virtio::mmio::TransportState {
+        device_type: 2,
+        status: 0xf,
+        acked_features: 1 << 32,
+        active: true,
+        queues: vec![Default::default()],
+        ..Default::default()
+    };
+    let state = VmState {
+        mem: 128 << 20,
+        regions: vec![(0, 128 << 20)],
+        acpi: true,
+        boot_timer: false,
+        disks: vec![SavedDisk {
+            path: "/disk.img".into(),
+            read_only: false,
+            serial: Some("rootfs".into()),
+            size: 1 << 20,
+        }],
+        nets: vec![],
+        vcpus: vec![vcpu],
+        clock: Default::default(),
+        ioapic: devices::ioapic::IoApicState {
+            id: 0,
+            select: 0,
+            entries: vec![1 << 16; 24],
+        },
+        serial: Default::default(),
+        i8042: Default::default(),
+        devices: vec![device],
+    };
+    vmm::snapshot::format::encode(&state).expect("encodes")
 }
 
 /// Keep-alive sessions: a whole boot's configuration, reads, refusals.
