@@ -28,7 +28,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use memory::GuestFrames;
 use vmm_sys_util::timerfd::TimerFd;
+
+use crate::virtio::{Queue, QueueError};
 
 /// The shortest wait the timer is armed for.
 pub const MIN_WAIT: Duration = Duration::from_millis(1);
@@ -134,11 +137,6 @@ impl TokenBucket {
         let ns = (missing * self.refill_ns).div_ceil(u128::from(self.size));
         let due = self.last.unwrap_or(now) + Duration::from_nanos(ns.min(u64::MAX as u128) as u64);
         due.saturating_duration_since(now)
-    }
-
-    /// Tokens available now (negative in debt), for tests and metrics.
-    pub fn budget(&self) -> i128 {
-        self.budget
     }
 }
 
@@ -293,6 +291,20 @@ pub fn allows(slot: &mut Option<RateLimiter>, throttled: &AtomicU64) -> bool {
     }
     throttled.store(limiter.metrics().throttled, Ordering::Relaxed);
     false
+}
+
+/// As [`allows`], asked only when `queue` has a chain waiting (an idle
+/// queue neither arms the timer nor counts as throttled).
+pub fn allows_next(
+    slot: &mut Option<RateLimiter>,
+    throttled: &AtomicU64,
+    queue: &mut Queue,
+    frames: &GuestFrames,
+) -> Result<bool, QueueError> {
+    if slot.is_none() || !queue.has_available(frames)? {
+        return Ok(true);
+    }
+    Ok(allows(slot, throttled))
 }
 
 /// Charges an allowed operation of `bytes` to the limiter in `slot`.

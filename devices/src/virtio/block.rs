@@ -262,22 +262,6 @@ impl Block {
         Ok(())
     }
 
-    /// Whether the rate limiter (if any) allows the next request, asked
-    /// only when one is waiting; a refusal is counted.
-    fn limiter_allows(
-        &mut self,
-        queue: &mut Queue,
-        frames: &GuestFrames,
-    ) -> Result<bool, QueueError> {
-        if self.limiter.is_none() || !queue.has_available(frames)? {
-            return Ok(true);
-        }
-        Ok(rate_limiter::allows(
-            &mut self.limiter,
-            &self.metrics.rate_limiter_throttled_events,
-        ))
-    }
-
     /// The counters, shareable.
     pub fn metrics(&self) -> Arc<BlockMetrics> {
         self.metrics.clone()
@@ -620,7 +604,8 @@ impl VirtioDevice for Block {
                 done.more = queue.has_available(frames)?;
                 return Ok(done);
             }
-            if !self.limiter_allows(queue, frames)? {
+            let throttled = &self.metrics.rate_limiter_throttled_events;
+            if !rate_limiter::allows_next(&mut self.limiter, throttled, queue, frames)? {
                 return Ok(done);
             }
             chains += 1;

@@ -130,13 +130,8 @@ impl Net {
     ) -> Result<bool, QueueError> {
         self.tx.segments.clear();
         while self.tx.checked.len() < SEND_BATCH && *chains < BATCH_CHAINS {
-            if self.tx_limiter.is_some()
-                && queue.has_available(frames)?
-                && !rate_limiter::allows(
-                    &mut self.tx_limiter,
-                    &self.metrics.tx_rate_limiter_throttled,
-                )
-            {
+            let throttled = &self.metrics.tx_rate_limiter_throttled;
+            if !rate_limiter::allows_next(&mut self.tx_limiter, throttled, queue, frames)? {
                 // Resumed by the limiter's timer.
                 return Ok(true);
             }
