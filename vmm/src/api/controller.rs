@@ -7,11 +7,10 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use devices::disk::{DiskBackend, RawFile};
 use devices::virtio::DeviceUpdate;
-use devices::virtio::mmio::MmioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::{Map, Value, json};
 use vmm_sys_util::epoll::EventSet;
@@ -23,6 +22,7 @@ use super::model::*;
 use super::resources::VmResources;
 use super::router::Request;
 use crate::run::Running;
+use crate::virtio::DeviceHandle;
 
 /// Requests answered per wake-up of the event loop.
 pub const BUDGET: usize = 16;
@@ -239,13 +239,12 @@ impl Controller {
             .running
             .as_ref()
             .and_then(|r| r.devices.blocks.get(index));
-        match handle.map(|h| update_device(&h.transport, update)) {
-            Some(Ok(())) => {
+        match update_device(handle, update) {
+            Ok(()) => {
                 self.resources.record_drive_patch(patch);
                 done()
             }
-            Some(Err(e)) => fault(&e),
-            None => fault(&format!("No device for drive {}", patch.drive_id)),
+            Err(e) => fault(&e),
         }
     }
 
@@ -285,13 +284,12 @@ impl Controller {
             .running
             .as_ref()
             .and_then(|r| r.devices.nets.get(index));
-        match handle.map(|h| update_device(&h.transport, update)) {
-            Some(Ok(())) => {
+        match update_device(handle, update) {
+            Ok(()) => {
                 self.resources.record_net_patch(patch);
                 done()
             }
-            Some(Err(e)) => fault(&e),
-            None => fault(&format!("No device for interface {}", patch.iface_id)),
+            Err(e) => fault(&e),
         }
     }
 
@@ -411,10 +409,11 @@ impl Controller {
     }
 }
 
-/// Applies `update` to a device between its batches (the event loop, which
-/// runs them, is the thread calling this).
-fn update_device(transport: &Mutex<MmioTransport>, update: DeviceUpdate) -> Result<(), String> {
-    let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+/// Applies `update` to the device of `handle` between its batches (the
+/// event loop, which runs them, is the thread calling this).
+fn update_device<M>(handle: Option<&DeviceHandle<M>>, update: DeviceUpdate) -> Result<(), String> {
+    let handle = handle.ok_or("The microVM has no such device")?;
+    let mut transport = handle.transport.lock().unwrap_or_else(|p| p.into_inner());
     transport
         .update_device(update)
         .map(|_| ())
