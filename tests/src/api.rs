@@ -73,3 +73,19 @@ pub fn wait_for_socket(sock: &Path) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// `PUT`s the drive `scratch` on `disk` and the interface `eth0` on TAP
+/// `tap0` with MAC 02:00:00:00:00:15, as firecracker-go-sdk words them.
+pub fn put_scratch_drive_and_tap(sock: &Path, disk: &Path) {
+    let drive = format!(
+        r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+        disk.display()
+    );
+    ok(sock, "PUT", "/drives/scratch", &drive);
+    ok(
+        sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:15"}"#,
+    );
+}

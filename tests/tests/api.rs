@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::api::{ok, refused, request, wait_for_socket};
+use tests::api::{ok, put_scratch_drive_and_tap, refused, request, wait_for_socket};
 use tests::netns::{GUEST, Netns, finish, guest_net, net_or_skip, ping, wait_line};
 use tests::{Running, minivmm_bin, test_guest};
 
@@ -157,17 +157,7 @@ fn api_boots_pauses_resumes_and_stops_a_vm_with_a_drive_and_a_network_interface(
         "boot_args": cmdline(),
     });
     ok(&sock, "PUT", "/boot-source", &boot.to_string());
-    let drive = serde_json::json!({
-        "drive_id": "scratch", "path_on_host": disk, "is_root_device": false,
-        "is_read_only": false,
-    });
-    ok(&sock, "PUT", "/drives/scratch", &drive.to_string());
-    ok(
-        &sock,
-        "PUT",
-        "/network-interfaces/eth0",
-        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:15"}"#,
-    );
+    put_scratch_drive_and_tap(&sock, &disk);
     let message = refused(
         &sock,
         "PUT",

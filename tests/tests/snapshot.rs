@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use tests::api::{ok, refused, wait_for_socket};
+use tests::api::{ok, put_scratch_drive_and_tap, refused, wait_for_socket};
 use tests::netns::{GUEST, Netns, finish, guest_net, net_or_skip, ping, wait_line};
 use tests::{Running, minivmm_bin, test_guest};
 use vmm::snapshot::format;
@@ -40,14 +40,7 @@ fn snapshot_of_a_paused_vm_holds_every_vcpu_and_device_and_the_vm_runs_on() {
                       "boot_args": format!("console=ttyS0 testguest.blk=write {}",
                                            guest_net(0, ",serve=200"))});
     ok(&sock, "PUT", "/boot-source", &boot.to_string());
-    let drive = json!({"drive_id": "scratch", "path_on_host": disk, "is_root_device": false});
-    ok(&sock, "PUT", "/drives/scratch", &drive.to_string());
-    ok(
-        &sock,
-        "PUT",
-        "/network-interfaces/eth0",
-        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:15"}"#,
-    );
+    put_scratch_drive_and_tap(&sock, &disk);
     ok(
         &sock,
         "PUT",

@@ -6,8 +6,8 @@
 //! again, and its timerfd writes the metrics every `metrics::PERIOD`.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use devices::disk::{DiskBackend, RawFile};
 use devices::virtio::DeviceUpdate;
