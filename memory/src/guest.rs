@@ -23,10 +23,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::vec::Vec;
 
-use vm_memory::mmap::FromRangesError;
+use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, VolatileSlice,
+    GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
 };
 
 use crate::addr::{FrameNumber, FrameRange, PAGE_SIZE, PhysAddr};
@@ -57,6 +57,28 @@ pub enum Error {
     /// Mapping guest RAM failed.
     #[error("Cannot map guest RAM")]
     Mmap(#[source] FromRangesError),
+    /// A saved run of frame metadata cannot be placed again.
+    #[error("Cannot place saved frames {addr:#x}+{bytes:#x} again")]
+    Restore {
+        /// First byte.
+        addr: u64,
+        /// Bytes.
+        bytes: u64,
+        /// Why.
+        #[source]
+        source: buddy::Error,
+    },
+    /// A memory file's size is not the guest's RAM size.
+    #[error("The memory file holds {file:#x} bytes, the guest's RAM is {ram:#x}")]
+    FileSize {
+        /// Bytes in the file.
+        file: u64,
+        /// Bytes of RAM.
+        ram: u64,
+    },
+    /// A memory file could not be read or mapped.
+    #[error("Cannot map the memory file")]
+    File(#[source] io::Error),
     /// The frame allocator rejected the layout.
     #[error("Cannot set up the frame allocator")]
     Frames(#[source] buddy::Error),
@@ -74,13 +96,24 @@ pub enum Error {
 }
 
 /// How guest RAM is backed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub enum Backing {
     /// Private anonymous memory.
     #[default]
     Anonymous,
     /// A memfd, so the RAM can be shared with another process.
     Memfd,
+    /// A memory file (a snapshot's): the regions are mapped from it in order,
+    /// not read. Private (`MAP_PRIVATE`) maps it copy-on-write: the file is
+    /// never written and every process mapping it shares the pages none of
+    /// them wrote. Shared (`MAP_SHARED`) writes the guest's changes through
+    /// to the file. The file must hold exactly the guest's RAM.
+    File {
+        /// The open file (read-write if shared).
+        file: Arc<File>,
+        /// Map it shared instead of copy-on-write.
+        shared: bool,
+    },
 }
 
 /// What a placed boot structure is; decides its frame flags and so its e820 type.
@@ -187,9 +220,19 @@ impl GuestFrames {
             return Err(Error::TooLarge(size));
         }
         let ranges = layout::ram_ranges(size);
-        let file = match backing {
-            Backing::Anonymous => None,
-            Backing::Memfd => Some(Arc::new(memfd(size).map_err(Error::Memfd)?)),
+        let (file, private) = match backing {
+            Backing::Anonymous => (None, false),
+            Backing::Memfd => (Some(Arc::new(memfd(size).map_err(Error::Memfd)?)), false),
+            Backing::File { file, shared } => {
+                let len = file.metadata().map_err(Error::File)?.len();
+                if len != size {
+                    return Err(Error::FileSize {
+                        file: len,
+                        ram: size,
+                    });
+                }
+                (Some(file), !shared)
+            }
         };
         let mut offset = 0;
         let regions: Vec<_> = ranges
@@ -202,7 +245,12 @@ impl GuestFrames {
                 (addr, len as usize, fo)
             })
             .collect();
-        let memory = GuestMemoryMmap::from_ranges_with_files(&regions).map_err(Error::Mmap)?;
+        // vm-memory maps files shared and anonymous memory private.
+        let memory = if private {
+            map_private(regions)?
+        } else {
+            GuestMemoryMmap::from_ranges_with_files(&regions).map_err(Error::Mmap)?
+        };
 
         let frame_ranges: Vec<FrameRange> = ranges
             .iter()
@@ -324,6 +372,51 @@ impl GuestFrames {
             }
         }
         map
+    }
+
+    /// Every block the VMM placed (all but FREE RAM), as runs of `(guest
+    /// address, bytes, flag bits)` with adjacent blocks of equal flags
+    /// merged: what a snapshot keeps of the frame metadata.
+    pub fn placed(&self) -> Vec<(u64, u64, u32)> {
+        let mut runs: Vec<(u64, u64, u32)> = Vec::new();
+        for block in self.table.blocks() {
+            if block.flags.state() == FrameFlags::FREE {
+                continue;
+            }
+            let frames = block.frames();
+            let (addr, bytes, flags) = (frames.start.addr().0, frames.bytes(), block.flags);
+            let flags = (flags.state().bits()) | (flags.bits() & FrameFlags::ATTR_MASK.bits());
+            match runs.last_mut() {
+                Some(last) if last.2 == flags && last.0 + last.1 == addr => last.1 += bytes,
+                _ => runs.push((addr, bytes, flags)),
+            }
+        }
+        runs
+    }
+
+    /// Places again, on fresh frames of the same layout, the runs
+    /// [`GuestFrames::placed`] returned (restoring a snapshot). The runs are
+    /// hostile input: each must be page aligned, inside RAM, free here and
+    /// carry one owned state; the first that is not fails the whole call.
+    pub fn place_again(&self, runs: &[(u64, u64, u32)]) -> Result<(), Error> {
+        let mut allocator = self.allocator();
+        for &(addr, bytes, flags) in runs {
+            let fail = |source| Error::Restore {
+                addr,
+                bytes,
+                source,
+            };
+            if !addr.is_multiple_of(PAGE_SIZE) || !bytes.is_multiple_of(PAGE_SIZE) {
+                return Err(fail(buddy::Error::InvalidRequest));
+            }
+            let range = FrameRange::covering(PhysAddr(addr), bytes)
+                .filter(|r| !r.is_empty())
+                .ok_or(fail(buddy::Error::InvalidRequest))?;
+            allocator
+                .reserve(range, FrameFlags::from_bits(flags))
+                .map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// Pins every frame of `[addr, addr + len)` for DMA until the guard drops.
@@ -563,6 +656,29 @@ impl std::fmt::Debug for PinSet {
     }
 }
 
+/// Maps each region from its file offset copy-on-write.
+fn map_private(
+    regions: Vec<(GuestAddress, usize, Option<FileOffset>)>,
+) -> Result<GuestMemoryMmap, Error> {
+    let mapped = regions
+        .into_iter()
+        .map(|(addr, len, fo)| {
+            let mut builder = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE);
+            if let Some(fo) = fo {
+                builder = builder.with_file_offset(fo);
+            }
+            let region = builder
+                .build()
+                .map_err(|e| Error::Mmap(FromRangesError::MmapRegion(e)))?;
+            GuestRegionMmap::new(region, addr)
+                .ok_or(Error::Mmap(FromRangesError::InvalidGuestRegion))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| Error::Mmap(FromRangesError::Collection(e)))
+}
+
 fn memfd(size: u64) -> io::Result<File> {
     // SAFETY: the name is a NUL-terminated string literal and the flags are valid;
     // memfd_create reads nothing else.
@@ -656,6 +772,127 @@ mod tests {
                 .unwrap(),
             0x1234_5678
         );
+    }
+
+    /// A memory file of `size` bytes with `marker` at offset `at`.
+    fn memory_file(size: u64, at: u64, marker: u32) -> Arc<File> {
+        use std::os::unix::fs::FileExt;
+        let file = memfd(size).unwrap();
+        file.write_all_at(&marker.to_le_bytes(), at).unwrap();
+        Arc::new(file)
+    }
+
+    fn read_u32(g: &GuestFrames, addr: u64) -> u32 {
+        g.memory().read_obj::<u32>(GuestAddress(addr)).unwrap()
+    }
+
+    fn file_u32(file: &File, at: u64) -> u32 {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 4];
+        file.read_exact_at(&mut b, at).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn private_file_backing_is_copy_on_write_and_shared_between_mappings() {
+        // 3 GiB: the second region starts at file offset MMIO_HOLE_START.
+        let file = memory_file(3 << 30, MMIO_HOLE_START + 8, 0xfeed);
+        let backing = || Backing::File {
+            file: file.clone(),
+            shared: false,
+        };
+        let (a, b) = (
+            GuestFrames::new(3 << 30, backing()).unwrap(),
+            GuestFrames::new(3 << 30, backing()).unwrap(),
+        );
+        assert_eq!(read_u32(&a, MMIO_HOLE_END + 8), 0xfeed);
+        a.memory()
+            .write_obj(0x1111u32, GuestAddress(MMIO_HOLE_END + 8))
+            .unwrap();
+        assert_eq!(read_u32(&a, MMIO_HOLE_END + 8), 0x1111);
+        // Neither the file nor the other mapping sees the write.
+        assert_eq!(read_u32(&b, MMIO_HOLE_END + 8), 0xfeed);
+        assert_eq!(file_u32(&file, MMIO_HOLE_START + 8), 0xfeed);
+    }
+
+    #[test]
+    fn shared_file_backing_writes_through_to_the_file() {
+        let file = memory_file(16 * MIB, 0x1000, 7);
+        let g = GuestFrames::new(
+            16 * MIB,
+            Backing::File {
+                file: file.clone(),
+                shared: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(read_u32(&g, 0x1000), 7);
+        g.memory().write_obj(9u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(file_u32(&file, 0x1000), 9);
+    }
+
+    #[test]
+    fn a_memory_file_of_another_size_is_refused() {
+        for len in [16 * MIB - PAGE_SIZE, 16 * MIB + PAGE_SIZE, 0] {
+            let file = Arc::new(memfd(len).unwrap());
+            let result = GuestFrames::new(
+                16 * MIB,
+                Backing::File {
+                    file,
+                    shared: false,
+                },
+            );
+            assert!(
+                matches!(result, Err(Error::FileSize { file, ram }) if file == len && ram == 16 * MIB),
+                "{len:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn placed_runs_are_placed_again_on_fresh_frames() {
+        let g = frames(64 * MIB);
+        g.place_at(Purpose::Firmware, GuestAddress(0x9f000), 0x61000)
+            .unwrap();
+        g.place(Purpose::Acpi, 0x1800, 4096, GuestAddress(0x9f000))
+            .unwrap();
+        g.place_at(Purpose::Kernel, GuestAddress(0x100000), 0x20_0000)
+            .unwrap();
+        g.place(Purpose::PageTables, 0x3000, 4096, GuestAddress(0x9f000))
+            .unwrap();
+        let runs = g.placed();
+        assert!(runs.len() >= 3, "{runs:x?}");
+        let fresh = frames(64 * MIB);
+        fresh.place_again(&runs).unwrap();
+        assert_eq!(fresh.placed(), runs);
+        assert_eq!(e820(&fresh), e820(&g));
+        // Placing them twice fails: the frames are no longer free.
+        assert!(matches!(
+            fresh.place_again(&runs[..1]),
+            Err(Error::Restore { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_placed_runs_are_refused() {
+        let g = frames(64 * MIB);
+        let reserved = FrameFlags::RESERVED.bits();
+        for run in [
+            (0x1001, 0x1000, reserved),
+            (0x1000, 0x1001, reserved),
+            (0x1000, 0, reserved),
+            (64 * MIB, 0x1000, reserved),
+            (!0xfff, 0x2000, reserved),
+            (0x1000, 0x1000, FrameFlags::FREE.bits()),
+            (0x1000, 0x1000, 0),
+            (0x1000, 0x1000, u32::MAX),
+        ] {
+            assert!(
+                matches!(g.place_again(&[run]), Err(Error::Restore { .. })),
+                "{run:x?}"
+            );
+        }
+        assert!(g.placed().is_empty());
     }
 
     /// The e820 map as `(start, bytes, kind)`.
