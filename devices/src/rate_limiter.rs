@@ -37,7 +37,7 @@ use crate::virtio::{Queue, QueueError};
 pub const MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// One bucket's settings (Firecracker's `TokenBucket`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenBucketConfig {
     /// Tokens the bucket holds when full (bytes or operations).
     pub size: u64,
@@ -48,7 +48,7 @@ pub struct TokenBucketConfig {
 }
 
 /// A limiter's settings: either bucket may be absent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RateLimiterConfig {
     /// Bytes.
     pub bandwidth: Option<TokenBucketConfig>,

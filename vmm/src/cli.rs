@@ -22,9 +22,31 @@ pub const MIN_MEM: u64 = 16 << 20;
 pub struct Cli {
     /// Kernel image: a bzImage, an ELF vmlinux, or a PVH ELF. Without it,
     /// the VM comes from --config-file or the API (--api-sock).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"],
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file", "restore"],
           conflicts_with = "config_file")]
     pub kernel: Option<PathBuf>,
+
+    /// Restore the snapshot in DIR (its state file `snapshot` and memory
+    /// file `memory`, as `PUT /snapshot/create` wrote them) instead of
+    /// booting. The memory file is mapped copy-on-write: any number of
+    /// clones can run from one snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config_file"])]
+    pub restore: Option<PathBuf>,
+
+    /// With --restore: map the memory file shared, so the guest's writes
+    /// reach it (one VM per memory file).
+    #[arg(long, requires = "restore")]
+    pub restore_shared: bool,
+
+    /// With --restore: the TAP network interface ID (net0, net1... or the
+    /// API's iface_id) uses instead of its saved one. Repeatable.
+    #[arg(long = "restore-net", value_name = "ID=TAP", requires = "restore", value_parser = parse_override)]
+    pub restore_nets: Vec<(String, String)>,
+
+    /// With --restore and --api-sock: leave the VM paused until
+    /// `PATCH /vm {"state": "Resumed"}`.
+    #[arg(long, requires_all = ["restore", "api_sock"])]
+    pub restore_paused: bool,
 
     /// Serve Firecracker's API on this Unix socket (HTTP/1.1). Without
     /// --kernel or --config-file, the VM boots at the API's InstanceStart.
@@ -146,6 +168,14 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Parses `ID=TAP`.
+pub fn parse_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((id, tap)) if !id.is_empty() && !tap.is_empty() => Ok((id.to_owned(), tap.to_owned())),
+        _ => Err(format!("`{s}` is not ID=TAP, such as net0=tap1")),
+    }
+}
+
 /// Parses `PATH[,ro][,id=SERIAL]` (a path cannot contain commas).
 pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut parts = s.split(',');
@@ -188,6 +218,7 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
         _ => return Err("a network device starts with tap=NAME or fd=N".to_owned()),
     };
     let mut net = NetSpec {
+        id: None,
         tap,
         mac: None,
         mtu: None,

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vm_superio::Serial;
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::terminal::Terminal;
@@ -32,14 +32,22 @@ use crate::pio::SerialDevice;
 /// The console UART.
 pub type ConsoleSerial = Serial<IrqFd, ConsoleEvents, ConsoleOut>;
 
-/// A console UART on `out`, raising `irq`; and the event its receive FIFO
-/// signals when the guest has emptied it.
-pub fn serial(irq: IrqFd, out: Box<dyn Write + Send>) -> io::Result<(ConsoleSerial, EventFd)> {
+/// A console UART on `out`, raising `irq`, in its reset state or in a saved
+/// `state` (a snapshot's: checked by vm-superio, an error if its FIFO holds
+/// more than the UART's 64 bytes); and the event its receive FIFO signals
+/// when the guest has emptied it.
+pub fn serial(
+    irq: IrqFd,
+    out: Box<dyn Write + Send>,
+    state: Option<SerialState>,
+) -> io::Result<(ConsoleSerial, EventFd)> {
     let room = EventFd::new(EFD_NONBLOCK)?;
     let events = ConsoleEvents {
         room: room.try_clone()?,
     };
-    Ok((Serial::with_events(irq, events, ConsoleOut::new(out)), room))
+    let uart = Serial::from_state(&state.unwrap_or_default(), irq, events, ConsoleOut::new(out))
+        .map_err(|e| io::Error::other(format!("the saved COM1 state: {e:?}")))?;
+    Ok((uart, room))
 }
 
 /// What the console loop hears from the UART: the guest read the last byte

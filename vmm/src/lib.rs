@@ -23,6 +23,12 @@ pub mod virtio;
 pub mod vm;
 pub mod x86;
 
+/// Locks `m`, taking it back if a thread panicked while holding it (every
+/// shared state here stays consistent between statements).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// An error and its sources on one line: "Cannot read x: No such file".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();

@@ -39,6 +39,13 @@ fn main() -> ExitCode {
         id: cli.id.clone(),
         boot_timer: cli.boot_timer,
         flags,
+        restore: cli.restore.as_ref().map(|dir| vmm::snapshot::restore::Params {
+            state_path: dir.join(vmm::snapshot::restore::STATE_FILE),
+            mem_path: dir.join(vmm::snapshot::restore::MEMORY_FILE),
+            shared: cli.restore_shared,
+            network_overrides: cli.restore_nets.clone(),
+            resume: !cli.restore_paused,
+        }),
     };
     match vmm::api::launch(launch) {
         Ok(exit) => {

@@ -97,16 +97,19 @@ pub fn run(config: &VmConfig) -> Result<VmExit, Error> {
 /// declaration order: devices and the VM before guest RAM.
 #[derive(Debug)]
 pub struct Vmm {
-    vcpus: Vec<VcpuFd>,
+    pub(crate) vcpus: Vec<VcpuFd>,
     buses: Arc<Buses>,
     console: ConsoleInput,
-    device_events: Vec<DeviceEvents>,
+    pub(crate) device_events: Vec<DeviceEvents>,
     devices: Arc<Devices>,
-    i8042: Arc<Mutex<I8042>>,
-    machine: Machine,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) machine: Machine,
     exit: Arc<ExitLatch>,
-    vm: Vm,
+    pub(crate) vm: Vm,
     frames: Arc<GuestFrames>,
+    /// The vCPUs and devices wait at the pause gate from the start (a
+    /// restored VM loaded without `resume_vm`).
+    pub(crate) start_paused: bool,
 }
 
 /// What a snapshot reads of a running VM besides its devices and vCPUs.
@@ -122,8 +125,9 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The I/O APIC.
     pub ioapic: Arc<Mutex<IoApic>>,
-    /// What the VM was built from.
-    pub config: Arc<VmConfig>,
+    /// What the VM was built from, as the API changed it since (drives
+    /// swapped, limiters updated).
+    pub config: Arc<Mutex<VmConfig>>,
 }
 
 impl Vmm {
@@ -143,19 +147,9 @@ impl Vmm {
         // is built. Disks take the first slots, then the network devices.
         let blocks = virtio::open_disks(&config.disks)?;
         let nets = virtio::open_nets(&config.nets)?;
-        let block_metrics: Vec<_> = blocks.iter().map(Block::metrics).collect();
-        let net_metrics: Vec<_> = nets.iter().map(Net::metrics).collect();
-        let virtio_devices: Vec<Box<dyn VirtioDevice>> = blocks
-            .into_iter()
-            .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
-            .chain(
-                nets.into_iter()
-                    .map(|n| Box::new(n) as Box<dyn VirtioDevice>),
-            )
-            .collect();
         // The boot timer, when asked for, takes the first slot.
         let first_slot = usize::from(config.boot_timer);
-        let slots = virtio::slots(first_slot, virtio_devices.len());
+        let slots = virtio::slots(first_slot, blocks.len() + nets.len());
         let boot_config = BootConfig {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
@@ -166,8 +160,37 @@ impl Vmm {
         };
         let boot = boot::load(&frames, &boot_config)?;
         let vm = Vm::new(&frames)?;
+        let mut vmm = Vmm::assemble(config, frames, vm, blocks, nets, None)?;
+        vmm.vcpus = vmm
+            .vm
+            .create_vcpus(config.cpus, config.template, &boot)?;
+        Ok(vmm)
+    }
+
+    /// Everything but the vCPUs, around `vm` (with `frames` mapped) and the
+    /// opened devices: buses, I/O APIC, COM1 (from `serial` when restoring),
+    /// the i8042, the virtio transports with their irqfds and ioeventfds.
+    pub(crate) fn assemble(
+        config: &VmConfig,
+        frames: Arc<GuestFrames>,
+        vm: Vm,
+        blocks: Vec<Block>,
+        nets: Vec<Net>,
+        serial: Option<vm_superio::serial::SerialState>,
+    ) -> Result<Self, Error> {
+        let block_metrics: Vec<_> = blocks.iter().map(Block::metrics).collect();
+        let net_metrics: Vec<_> = nets.iter().map(Net::metrics).collect();
+        let virtio_devices: Vec<Box<dyn VirtioDevice>> = blocks
+            .into_iter()
+            .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+            .chain(
+                nets.into_iter()
+                    .map(|n| Box::new(n) as Box<dyn VirtioDevice>),
+            )
+            .collect();
+        let first_slot = usize::from(config.boot_timer);
         let exit = Arc::new(ExitLatch::new().map_err(|e| Error::Host("the exit eventfd", e))?);
-        let (serial, console) = attach_serial(&vm)?;
+        let (serial, console) = attach_serial(&vm, serial)?;
         let mut mmio = Bus::new();
         let ioapic = Arc::new(Mutex::new(IoApic::new(
             mptable::ioapic_id(config.cpus),
@@ -210,7 +233,7 @@ impl Vmm {
             frames: frames.clone(),
             serial: serial.clone(),
             ioapic,
-            config: Arc::new(config.clone()),
+            config: Arc::new(Mutex::new(config.clone())),
         };
         let pio = pio::legacy_bus(serial, i8042.clone(), &exit, config.acpi)
             .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;
@@ -219,9 +242,8 @@ impl Vmm {
             mmio,
             exits: ExitCounters::default(),
         });
-        let vcpus = vm.create_vcpus(config.cpus, config.template, &boot)?;
         Ok(Vmm {
-            vcpus,
+            vcpus: Vec::new(),
             buses,
             console,
             device_events,
@@ -231,6 +253,7 @@ impl Vmm {
             exit,
             vm,
             frames,
+            start_paused: false,
         })
     }
 
@@ -267,12 +290,16 @@ impl Vmm {
             exit,
             vm,
             frames,
+            start_paused,
         } = self;
         vcpu::install_kick_handler().map_err(|e| Error::Host("the vCPU kick signal", e))?;
         install_stop_signals(&exit).map_err(|e| Error::Host("SIGINT/SIGTERM handlers", e))?;
         let _terminal = RawTerminal::enter();
 
         let mut threads = VcpuThreads::default();
+        if start_paused {
+            threads.gate().pause_from_start();
+        }
         let mut spawn_error = None;
         for (index, fd) in vcpus.into_iter().enumerate() {
             if let Err(e) = threads.spawn(fd, index as u8, buses.clone(), exit.clone()) {
@@ -289,7 +316,7 @@ impl Vmm {
                     i8042,
                     machine,
                     exit: exit.clone(),
-                    devices_paused: Arc::new(AtomicBool::new(false)),
+                    devices_paused: Arc::new(AtomicBool::new(start_paused)),
                 };
                 let paused = running.devices_paused.clone();
                 let control = control(running);
@@ -326,10 +353,13 @@ fn host_memory() -> u64 {
 
 /// COM1 on stdout, its IRQ raised through an irqfd; and the event loop's
 /// side of it, reading stdin.
-fn attach_serial(vm: &Vm) -> Result<(Arc<Mutex<SerialDevice>>, ConsoleInput), Error> {
+fn attach_serial(
+    vm: &Vm,
+    state: Option<vm_superio::serial::SerialState>,
+) -> Result<(Arc<Mutex<SerialDevice>>, ConsoleInput), Error> {
     let irq = IrqFd::new(vm, COM1_IRQ)?;
-    let (serial, room) =
-        console::serial(irq, Box::new(io::stdout())).map_err(|e| Error::Host("the console", e))?;
+    let (serial, room) = console::serial(irq, Box::new(io::stdout()), state)
+        .map_err(|e| Error::Host("the console", e))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
     let stdin = ConsoleInput::stdin().map_err(|e| Error::Host("the console's stdin", e))?;
     Ok((serial.clone(), ConsoleInput::new(serial, stdin, room)))
@@ -535,7 +565,7 @@ mod tests {
         let notifier = DeviceEvents::new(Arc::new(Mutex::new(t)), vec![event]).unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
         let (serial, room) =
-            console::serial(IrqFd::unregistered().unwrap(), Box::new(io::sink())).unwrap();
+            console::serial(IrqFd::unregistered().unwrap(), Box::new(io::sink()), None).unwrap();
         let (reader, _writer) = io::pipe().unwrap();
         let input = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
         let console =

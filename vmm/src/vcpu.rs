@@ -253,6 +253,13 @@ impl PauseGate {
         true
     }
 
+    /// Makes vCPU threads not yet started park at the gate before their
+    /// first entry into the guest (a VM restored paused); `pause` would
+    /// wait for threads that do not exist yet.
+    pub fn pause_from_start(&self) {
+        self.lock().paused = true;
+    }
+
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         self.lock().paused = false;

@@ -59,6 +59,9 @@ pub enum TapSpec {
 /// A `--net` option.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetSpec {
+    /// The interface's name (the API's `iface_id`; `net0`, `net1`... from
+    /// the command line): what a snapshot's network overrides refer to.
+    pub id: Option<String>,
     /// The TAP.
     pub tap: TapSpec,
     /// The guest's MAC address (default: a random locally administered one).
@@ -307,6 +310,17 @@ impl DeviceEvents {
             watched: Vec::new(),
             logged: false,
         })
+    }
+
+    /// Signals every queue as if the guest had notified it: after a
+    /// restore, chains the guest made available before the snapshot are
+    /// served without waiting for its next notification (a queue that is
+    /// not live ignores it).
+    pub(crate) fn kick(&self) {
+        for queue in &self.queues {
+            // Fails only if the counter is saturated, which serves it too.
+            let _ = queue.write(1);
+        }
     }
 
     /// Registers what the device lists now and unregisters what it no

@@ -20,13 +20,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use devices::ioapic::{IOAPIC_PINS, MsiMessage, MsiRoutes};
 use kvm_bindings::{
     KVM_API_VERSION, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
-    KvmIrqRouting, Msrs, kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region,
+    KvmIrqRouting, Msrs, kvm_clock_data, kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::GuestFrames;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::BootInfo;
+use crate::vcpu_state::{self, VcpuState};
 use crate::x86::cpuid::{self, CpuTemplate};
 use crate::x86::regs;
 
@@ -57,6 +58,23 @@ pub enum Error {
         requested: u8,
         /// KVM's limit.
         max: usize,
+    },
+}
+
+/// Why saved vCPUs could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Creating the vCPU failed.
+    #[error(transparent)]
+    Vm(#[from] Error),
+    /// KVM refused the saved state.
+    #[error("vCPU {index}")]
+    Vcpu {
+        /// Which.
+        index: usize,
+        /// What was refused.
+        #[source]
+        source: vcpu_state::Error,
     },
 }
 
@@ -138,6 +156,42 @@ impl Vm {
     /// Most vCPUs KVM accepts for this VM.
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
+    }
+
+    /// Sets kvmclock to a snapshot's `clock` (its flags dropped: they say
+    /// which fields KVM filled in, and a host without KVM_CLOCK_REALTIME
+    /// refuses them).
+    pub fn restore_clock(&self, clock: &kvm_clock_data) -> Result<(), Error> {
+        let clock = kvm_clock_data {
+            clock: clock.clock,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| Error::Kvm("SET_CLOCK", e))
+    }
+
+    /// Creates one vCPU per saved state and writes that state into it.
+    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<Vec<VcpuFd>, RestoreError> {
+        if states.len() > self.max_vcpus() {
+            return Err(RestoreError::Vm(Error::TooManyCpus {
+                requested: states.len().min(255) as u8,
+                max: self.max_vcpus(),
+            }));
+        }
+        states
+            .iter()
+            .enumerate()
+            .map(|(index, state)| {
+                let vcpu = self
+                    .fd
+                    .create_vcpu(index as u64)
+                    .map_err(|e| RestoreError::Vm(Error::Kvm("CREATE_VCPU", e)))?;
+                vcpu_state::restore(&vcpu, state)
+                    .map_err(|source| RestoreError::Vcpu { index, source })?;
+                Ok(vcpu)
+            })
+            .collect()
     }
 
     /// Creates `count` vCPUs with CPUID from `template`, MSRs, FPU, LINT pins,

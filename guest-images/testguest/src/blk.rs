@@ -64,6 +64,8 @@ pub const READ_SECTORS: u64 = 64;
 pub const TIMEOUT_MS: u64 = 20_000;
 /// Sectors 0..=9 and the last one are used by the write test.
 const WRITE_TEST_MIN_SECTORS: u64 = 11;
+/// The sector written across the snapshot point (`testguest.snapshot`).
+pub const ACROSS_SECTOR: u64 = 10;
 /// What read-back buffers hold before the device writes them.
 const POISON: u8 = 0xa5;
 /// Length of a GET_ID answer.
@@ -127,6 +129,8 @@ pub enum BlkError {
         /// Expected.
         expected: u32,
     },
+    /// A request completed more than once (a second used entry).
+    Twice,
     /// Read-back data differs.
     Mismatch {
         /// Sector.
@@ -166,6 +170,7 @@ impl fmt::Display for BlkError {
                 used,
                 expected,
             } => write!(f, "{what}: used length {used}, expected {expected}"),
+            BlkError::Twice => write!(f, "a request completed twice"),
             BlkError::Mismatch {
                 sector,
                 offset,
@@ -287,6 +292,19 @@ impl<'p> Blk<'p> {
         sector: u64,
         data: &[Segment<'_>],
     ) -> Result<(u8, u32), BlkError> {
+        self.request_across(kind, sector, data, &mut || {})
+    }
+
+    /// As [`Blk::request`], running `between` after the request is
+    /// submitted and notified and before its completion is awaited (the
+    /// snapshot point: the request is in flight across it).
+    fn request_across(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: &[Segment<'_>],
+        between: &mut dyn FnMut(),
+    ) -> Result<(u8, u32), BlkError> {
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&kind.to_le_bytes());
         header[8..].copy_from_slice(&sector.to_le_bytes());
@@ -301,6 +319,7 @@ impl<'p> Blk<'p> {
         if self.queue.should_notify() {
             self.dev.notify(0);
         }
+        between();
         let used = loop {
             // The driver asks for an interrupt on every completion: wait for
             // it too, so it never lands in a later request's count.
@@ -517,7 +536,52 @@ impl<'p> Blk<'p> {
         Ok(buf)
     }
 
-    fn run(&mut self, mode: Mode) -> Result<(), BlkError> {
+    /// Reads `sectors` sectors from `first` into a poisoned buffer and
+    /// checks they hold the pattern.
+    fn read_back(&mut self, first: u64, sectors: usize) -> Result<(), BlkError> {
+        // Poisoned first, so every byte compared is one the device wrote.
+        let mut buf = self.pool.alloc::<Bidirectional>(sectors * SECTOR)?;
+        buf.fill(0, sectors * SECTOR, |_| POISON)?;
+        buf.sync_to_device();
+        let result = self.read(first, sectors, &mut buf)?;
+        self.expect("read back", result, S_OK)?;
+        let mismatch = buf.fold(0, sectors * SECTOR, None, |found, off, b| {
+            found.or_else(|| {
+                let sector = first + (off / SECTOR) as u64;
+                let expected = pattern(sector, off % SECTOR);
+                (b != expected).then_some(BlkError::Mismatch {
+                    sector,
+                    offset: off % SECTOR,
+                    found: b,
+                    expected,
+                })
+            })
+        })?;
+        match mismatch {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The snapshot point with a write in flight across it: sector
+    /// [`ACROSS_SECTOR`] is written, `point` runs while the request may
+    /// still be on the device's queue, and the request must then complete
+    /// exactly once with the data on disk.
+    fn write_across(&mut self, point: &mut dyn FnMut()) -> Result<(), BlkError> {
+        let data = self.pattern_buffer(ACROSS_SECTOR, 1)?;
+        let result = self.request_across(T_OUT, ACROSS_SECTOR, &[data.whole()?], point)?;
+        self.expect("write across the snapshot", result, S_OK)?;
+        if self.queue.has_used() {
+            return Err(BlkError::Twice);
+        }
+        self.read_back(ACROSS_SECTOR, 1)?;
+        self.say(format_args!(
+            "write sector {ACROSS_SECTOR} across the snapshot: ok, completed once"
+        ));
+        Ok(())
+    }
+
+    fn run(&mut self, mode: Mode, point: Option<&mut dyn FnMut()>) -> Result<(), BlkError> {
         let ro = self.features & F_RO != 0;
         let mut id = [0u8; ID_LEN];
         let id_len = self.get_id(&mut id)?;
@@ -613,37 +677,30 @@ impl<'p> Blk<'p> {
         }
 
         for (first, sectors) in [(1u64, 9usize), (last, 1)] {
-            // Poisoned first, so every byte compared is one the device wrote.
-            let mut buf = pool.alloc::<Bidirectional>(sectors * SECTOR)?;
-            buf.fill(0, sectors * SECTOR, |_| POISON)?;
-            buf.sync_to_device();
-            let result = self.read(first, sectors, &mut buf)?;
-            self.expect("read back", result, S_OK)?;
-            let mismatch = buf.fold(0, sectors * SECTOR, None, |found, off, b| {
-                found.or_else(|| {
-                    let sector = first + (off / SECTOR) as u64;
-                    let expected = pattern(sector, off % SECTOR);
-                    (b != expected).then_some(BlkError::Mismatch {
-                        sector,
-                        offset: off % SECTOR,
-                        found: b,
-                        expected,
-                    })
-                })
-            })?;
-            if let Some(e) = mismatch {
-                return Err(e);
-            }
+            self.read_back(first, sectors)?;
         }
         self.say(format_args!("read back: ok"));
-        Ok(())
+        match point {
+            Some(point) => self.write_across(point),
+            None => Ok(()),
+        }
     }
 }
 
 /// Runs the block self-test on device `n` (already probed as a block device,
 /// its interrupt routed to `line`); prints its lines and returns whether it
 /// passed. The device is reset at the end.
-pub fn selftest(n: usize, dev: MmioDevice, pool: &DmaPool, line: Line, mode: Mode) -> bool {
+/// `point`, if given, is the snapshot point: run with a write in flight
+/// (write mode on a writable disk) or, if the test never gets there, not
+/// at all (the caller runs it then).
+pub fn selftest(
+    n: usize,
+    dev: MmioDevice,
+    pool: &DmaPool,
+    line: Line,
+    mode: Mode,
+    point: Option<&mut dyn FnMut()>,
+) -> bool {
     let mut blk = match Blk::init(n, dev, pool, line) {
         Ok(blk) => blk,
         Err(e) => {
@@ -651,7 +708,7 @@ pub fn selftest(n: usize, dev: MmioDevice, pool: &DmaPool, line: Line, mode: Mod
             return false;
         }
     };
-    let result = blk.run(mode);
+    let result = blk.run(mode, point);
     let stats = blk.queue.stats();
     blk.say(format_args!(
         "requests {}, interrupts {}, notifications {} (suppressed {}), indirect {}",

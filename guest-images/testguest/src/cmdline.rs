@@ -21,6 +21,10 @@
 //! - `testguest.check=full`: run the O(frames) allocator consistency check
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
 //!
+//! - `testguest.snapshot=MIB`: the self-test that spans a snapshot
+//!   (`snapshot.rs`): a pattern in `MIB` MiB of RAM, a snapshot point
+//!   between the block and the network tests.
+//!
 //! Unknown `testguest.*` options and bad values are reported and ignored.
 
 use crate::blk::Mode;
@@ -57,6 +61,8 @@ pub struct Options {
     pub blk: Mode,
     /// The network self-test's addresses, per network device.
     pub net: [Option<Config>; MAX_NETS],
+    /// MiB of RAM the snapshot self-test writes its pattern into.
+    pub snapshot: Option<u64>,
 }
 
 /// Network devices the options can configure.
@@ -79,6 +85,15 @@ pub fn parse(cmdline: &str) -> Options {
                 Err(_) => log!("warning: ignoring {word}: the exit code must be 0..=255"),
             },
             ("check", "full") => options.full_check = true,
+            ("snapshot", v) => match v.parse::<u64>() {
+                Ok(mib) if (1..=crate::snapshot::MAX_MIB).contains(&mib) => {
+                    options.snapshot = Some(mib)
+                }
+                _ => log!(
+                    "warning: ignoring {word}: the pattern is 1 to {} MiB",
+                    crate::snapshot::MAX_MIB
+                ),
+            },
             ("exit", "acpi") => options.acpi_exit = true,
             ("blk", "none") => options.blk = Mode::None,
             ("blk", "read") => options.blk = Mode::Read,

@@ -11,6 +11,7 @@ use crate::irq;
 use crate::log;
 use crate::net::{self, VIRTIO_ID_NET};
 use crate::ram::Allocator;
+use crate::snapshot::Pattern;
 use crate::startinfo::BOOT_MAPPED_LIMIT;
 use crate::virtio_mmio::{self, MmioDevice};
 
@@ -18,14 +19,23 @@ use crate::virtio_mmio::{self, MmioDevice};
 pub const DMA_BUDGET_FRAMES: u64 = 256;
 
 /// Runs the device self-tests on `cmdline`'s devices with the allocator
-/// (which the DMA pool takes over); returns whether all passed.
+/// (which the DMA pool takes over); returns whether all passed. With a
+/// snapshot `pattern`, the snapshot point comes during the first block
+/// device's test (a write in flight across it) or, failing that, after the
+/// block tests and before the network tests.
 pub fn run(
     alloc: Allocator,
     cmdline: &str,
     tables: Option<&acpi::Tables>,
     options: &Options,
+    pattern: Option<Pattern>,
 ) -> bool {
     let mut pass = true;
+    let mut point = Point {
+        pattern,
+        done: pattern.is_none(),
+        intact: true,
+    };
     let found = match tables {
         Some(t) => t.devices,
         None => virtio_mmio::discover(cmdline, |word, why| {
@@ -41,6 +51,8 @@ pub fn run(
         );
     }
     if found.windows().is_empty() {
+        point.run();
+        pass &= point.intact;
         log!(
             "virtio: no devices {}",
             if tables.is_some() {
@@ -71,6 +83,7 @@ pub fn run(
             }
         };
         if dev.device_id() == VIRTIO_ID_NET {
+            point.run();
             log!(
                 "virtio{k}: 0x{:x} irq {}: network, version 2",
                 w.base,
@@ -103,16 +116,40 @@ pub fn run(
         let n = blocks;
         blocks += 1;
         match controllers.route(w.irq) {
-            Ok(line) => pass &= blk::selftest(n, dev, &pool, line, options.blk),
+            Ok(line) => {
+                let pending = !point.done;
+                let mut across = || point.run();
+                let across = pending.then_some(&mut across as &mut dyn FnMut());
+                pass &= blk::selftest(n, dev, &pool, line, options.blk, across);
+            }
             Err(e) => {
                 log!("blk{n}: FAIL {e}");
                 pass = false;
             }
         }
     }
+    point.run();
+    pass &= point.intact;
     controllers.mask_all();
     pass &= check_dma(&pool, start);
     pass
+}
+
+/// The snapshot point, run once.
+struct Point {
+    pattern: Option<Pattern>,
+    done: bool,
+    intact: bool,
+}
+
+impl Point {
+    fn run(&mut self) {
+        if let Some(p) = &self.pattern
+            && !core::mem::replace(&mut self.done, true)
+        {
+            self.intact = p.wait_and_check();
+        }
+    }
 }
 
 /// Every buffer is back, the allocator is where it started, and a request

@@ -31,6 +31,7 @@ mod paging;
 mod ram;
 mod selftest;
 mod serial;
+mod snapshot;
 mod startinfo;
 mod virtio_mmio;
 mod virtq;
@@ -153,8 +154,18 @@ extern "C" fn kmain(start_info: u64) -> ! {
     );
 
     let pass = selftest::run(&mut setup, &options);
-    let pass =
-        drivers::run(setup.alloc, info.cmdline(), tables.as_ref(), &options) && pass && acpi_ok;
+    let pattern = options
+        .snapshot
+        .map(|mib| snapshot::prepare(&mut setup.alloc, mib));
+    let prepared = pattern.is_none_or(|p| p.is_some());
+    let devices = drivers::run(
+        setup.alloc,
+        info.cmdline(),
+        tables.as_ref(),
+        &options,
+        pattern.flatten(),
+    );
+    let pass = devices && pass && acpi_ok && prepared;
     log!("selftest: {}", if pass { "PASS" } else { "FAIL" });
     let verdict = if pass { EXIT_SUCCESS } else { EXIT_FAILURE };
     match options.action {

@@ -5,6 +5,7 @@
 //! answers at most [`BUDGET`] requests before the loop serves the devices
 //! again, and its timerfd writes the metrics every `metrics::PERIOD`.
 
+use crate::lock;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,7 +23,46 @@ use super::model::*;
 use super::resources::VmResources;
 use super::router::Request;
 use crate::run::Running;
+use crate::snapshot::restore;
 use crate::virtio::DeviceHandle;
+
+/// What `PUT /snapshot/load` asks for, or why minivmm cannot do it.
+fn load_params(p: SnapshotLoadParams) -> Result<restore::Params, String> {
+    let (mem_path, shared) = match (p.mem_backend, p.mem_file_path) {
+        (Some(_), Some(_)) => {
+            return Err("Give either mem_backend or mem_file_path, not both".into());
+        }
+        (None, None) => return Err("Give mem_backend (or the deprecated mem_file_path)".into()),
+        (None, Some(path)) => (path, false),
+        (Some(b), None) if b.backend_type == MemoryBackendType::Uffd => {
+            return Err("minivmm does not support Uffd memory backends; use File".into());
+        }
+        (Some(b), None) => (b.backend_path, b.shared),
+    };
+    if p.enable_diff_snapshots || p.track_dirty_pages {
+        return Err("Diff snapshots are not supported yet (track_dirty_pages must be false)".into());
+    }
+    if p.clock_realtime {
+        return Err("clock_realtime is not supported".into());
+    }
+    if p.vsock_override.is_some() {
+        return Err("minivmm has no vsock device (vsock_override)".into());
+    }
+    if p.huge_pages.as_deref().is_some_and(|h| h != "None") {
+        return Err("minivmm does not support huge pages (huge_pages must be None)".into());
+    }
+    Ok(restore::Params {
+        state_path: p.snapshot_path.into(),
+        mem_path: mem_path.into(),
+        shared,
+        network_overrides: p
+            .network_overrides
+            .into_iter()
+            .map(|o| (o.iface_id, o.host_dev_name))
+            .collect(),
+        resume: p.resume_vm,
+    })
+}
 
 /// Requests answered per wake-up of the event loop.
 pub const BUDGET: usize = 16;
@@ -35,6 +75,8 @@ pub enum Outcome {
     /// `InstanceStart` before boot: build and start the VM from
     /// [`Controller::resources`], then answer.
     Start,
+    /// `PUT /snapshot/load` before boot: restore this snapshot, then answer.
+    Load(restore::Params),
 }
 
 /// Counters of the `vmm` metrics section.
@@ -85,6 +127,11 @@ impl Controller {
     /// The VM's description.
     pub fn resources(&self) -> &VmResources {
         &self.resources
+    }
+
+    /// The VM's description replaced (by a restored VM's).
+    pub fn set_resources(&mut self, resources: VmResources) {
+        self.resources = resources;
     }
 
     /// The VM started: later requests reach `running`.
@@ -171,6 +218,22 @@ impl Controller {
             Request::PutDrive(d) => self.resources.put_drive(d),
             Request::PutNetworkInterface(n) => self.resources.put_net(n),
             Request::Action(ActionType::InstanceStart) => return Outcome::Start,
+            Request::LoadSnapshot(p) => {
+                let configured = VmResources {
+                    logger: None,
+                    metrics: None,
+                    ..self.resources.clone()
+                } != VmResources::default();
+                if configured {
+                    return fault(
+                        "Loading a snapshot is only allowed before any resource but the logger and metrics is configured",
+                    );
+                }
+                return match load_params(p) {
+                    Ok(params) => Outcome::Load(params),
+                    Err(e) => fault(&e),
+                };
+            }
             _ => return fault(BEFORE_START),
         };
         match result {
@@ -241,6 +304,16 @@ impl Controller {
             .and_then(|r| r.devices.blocks.get(index));
         match update_device(handle, update) {
             Ok(()) => {
+                if let Some(r) = &self.running {
+                    let mut config = lock(&r.machine.config);
+                    let disk = &mut config.disks[index];
+                    if let Some(path) = &patch.path_on_host {
+                        disk.path = path.into();
+                    }
+                    if let Some(limiter) = patch.rate_limiter {
+                        disk.rate_limiter = Some(limiter.into());
+                    }
+                }
                 self.resources.record_drive_patch(patch);
                 done()
             }
@@ -286,6 +359,15 @@ impl Controller {
             .and_then(|r| r.devices.nets.get(index));
         match update_device(handle, update) {
             Ok(()) => {
+                if let Some(r) = &self.running {
+                    let net = &mut lock(&r.machine.config).nets[index];
+                    if let Some(limiter) = patch.rx_rate_limiter {
+                        net.rx_rate_limiter = Some(limiter.into());
+                    }
+                    if let Some(limiter) = patch.tx_rate_limiter {
+                        net.tx_rate_limiter = Some(limiter.into());
+                    }
+                }
                 self.resources.record_net_patch(patch);
                 done()
             }
@@ -478,6 +560,7 @@ impl ControlEvents {
             let response = match self.controller.handle(call.request) {
                 Outcome::Reply(r) => r,
                 Outcome::Start => Response::fault(400, "The microVM is already running"),
+                Outcome::Load(_) => Response::fault(400, AFTER_START),
             };
             let _ = call.reply.send(response);
         }

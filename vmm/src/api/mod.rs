@@ -27,6 +27,7 @@ use resources::VmResources;
 
 use crate::exit::VmExit;
 use crate::run::{self, Subscriber, VmConfig, Vmm};
+use crate::snapshot::restore;
 
 /// How minivmm was asked to get its VM.
 #[derive(Debug, Default)]
@@ -42,6 +43,8 @@ pub struct Launch {
     /// The VM the command-line flags describe (`--kernel` ...), started at
     /// once.
     pub flags: Option<VmConfig>,
+    /// `--restore DIR`: the snapshot to restore at once.
+    pub restore: Option<restore::Params>,
 }
 
 /// Why minivmm could not start or run the VM.
@@ -59,6 +62,9 @@ pub enum Error {
     /// Building or running the VM failed.
     #[error(transparent)]
     Run(#[from] run::Error),
+    /// The snapshot could not be restored.
+    #[error(transparent)]
+    Restore(#[from] restore::Error),
 }
 
 /// Serves the API (if asked), builds the VM from the flags, the config file
@@ -71,8 +77,12 @@ pub fn launch(launch: Launch) -> Result<VmExit, Error> {
     let http_metrics = api
         .as_ref()
         .map_or_else(|| Arc::new(HttpMetrics::default()), |a| a.metrics.clone());
-    let (mut controller, vmm) = match (&launch.config_file, launch.flags) {
-        (Some(path), _) => {
+    let (mut controller, vmm) = match (&launch.config_file, launch.flags, &launch.restore) {
+        (_, _, Some(params)) => {
+            let vmm = restore::restore(params)?;
+            (restored_controller(&launch.id, &vmm, http_metrics), vmm)
+        }
+        (Some(path), _, None) => {
             let controller = from_config_file(path, launch.id.clone(), http_metrics)?;
             let mut config = controller
                 .resources()
@@ -82,7 +92,7 @@ pub fn launch(launch: Launch) -> Result<VmExit, Error> {
             let vmm = Vmm::new(&config)?;
             (controller, vmm)
         }
-        (None, Some(flags)) => {
+        (None, Some(flags), None) => {
             let resources = VmResources::from_vm_config(&flags);
             let vmm = Vmm::new(&flags)?;
             (
@@ -90,7 +100,7 @@ pub fn launch(launch: Launch) -> Result<VmExit, Error> {
                 vmm,
             )
         }
-        (None, None) => {
+        (None, None, None) => {
             let Some(api) = &api else {
                 return Err(Error::Config(
                     PathBuf::new(),
@@ -113,6 +123,12 @@ pub fn launch(launch: Launch) -> Result<VmExit, Error> {
         let _ = std::fs::remove_file(path);
     }
     Ok(exit?)
+}
+
+/// The controller of a restored VM, its resources read off the VM.
+fn restored_controller(id: &str, vmm: &Vmm, http: Arc<HttpMetrics>) -> Controller {
+    let config = crate::lock(&vmm.machine.config).clone();
+    Controller::new(id.to_owned(), VmResources::from_vm_config(&config), http)
 }
 
 /// The controller of the VM a config file describes, its logger and
@@ -152,6 +168,18 @@ fn serve_until_start(
         };
         let response = match controller.handle(call.request) {
             Outcome::Reply(r) => r,
+            Outcome::Load(params) => match restore::restore(&params) {
+                Ok(vmm) => {
+                    let config = crate::lock(&vmm.machine.config).clone();
+                    controller.set_resources(VmResources::from_vm_config(&config));
+                    let _ = call.reply.send(Response::no_content());
+                    return Ok(vmm);
+                }
+                Err(e) => Response::fault(
+                    400,
+                    &format!("Cannot load the snapshot: {}", crate::error_chain(&e)),
+                ),
+            },
             Outcome::Start => match controller.resources().vm_config() {
                 Err(e) => e.into(),
                 Ok(mut config) => match Vmm::new(&{

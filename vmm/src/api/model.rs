@@ -225,6 +225,74 @@ pub struct SnapshotCreateParams {
     pub snapshot_type: SnapshotType,
 }
 
+/// `MemoryBackend.backend_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum MemoryBackendType {
+    /// A memory file, mapped.
+    File,
+    /// A userfaultfd handler's socket (refused: minivmm maps the file).
+    Uffd,
+}
+
+/// `MemoryBackend`, with minivmm's `shared`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File (Uffd is refused).
+    pub backend_type: MemoryBackendType,
+    /// The memory file.
+    pub backend_path: String,
+    /// minivmm: map the file shared (the guest's writes reach it) instead
+    /// of copy-on-write.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// `NetworkOverride`: the TAP a saved interface uses after the load.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, as it was configured.
+    pub iface_id: String,
+    /// Its new TAP.
+    pub host_dev_name: String,
+}
+
+/// `SnapshotLoadParams`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated in Firecracker for `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Where guest RAM comes from.
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Deprecated in Firecracker for `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Track dirty pages for diff snapshots of the restored VM.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Run the VM at once (else it waits paused for `PATCH /vm`).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// TAPs to use instead of the saved ones.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Advance kvmclock by the wall time since the snapshot (refused).
+    #[serde(default)]
+    pub clock_realtime: bool,
+    /// vsock socket override (refused: no vsock device).
+    #[serde(default)]
+    pub vsock_override: Option<serde_json::Value>,
+    /// Huge pages for guest RAM: only `None`.
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
 /// `InstanceActionInfo.action_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum ActionType {

@@ -393,6 +393,7 @@ impl VmResources {
             .nets
             .iter()
             .map(|n| NetSpec {
+                id: Some(n.iface_id.clone()),
                 tap: TapSpec::Name(n.host_dev_name.clone()),
                 mac: n.guest_mac.as_deref().and_then(|m| parse_mac(m).ok()),
                 mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),

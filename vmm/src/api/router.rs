@@ -30,6 +30,7 @@ pub enum Request {
     PutLogger(Logger),
     PutMetrics(Metrics),
     CreateSnapshot(SnapshotCreateParams),
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// The HTTP methods the API uses.
@@ -136,11 +137,7 @@ pub fn route(method: Method, path: &str, body: &[u8]) -> Result<Request, ApiErro
         (Put, ["logger"]) => Request::PutLogger(parse(body)?),
         (Put, ["metrics"]) => Request::PutMetrics(parse(body)?),
         (Put, ["snapshot", "create"]) => Request::CreateSnapshot(parse(body)?),
-        (_, ["snapshot", ..]) => {
-            return Err(ApiError::bad_request(
-                "minivmm does not support /snapshot/load yet (restore with a new process is issue 14's next step)",
-            ));
-        }
+        (Put, ["snapshot", "load"]) => Request::LoadSnapshot(parse(body)?),
         _ => {
             let shown: String = path.chars().take(64).collect();
             return Err(ApiError::bad_request(format!(
@@ -291,7 +288,6 @@ mod tests {
             ("/balloon/statistics", "balloon"),
             ("/vsock", "vsock"),
             ("/mmds/config", "MMDS"),
-            ("/snapshot/load", "/snapshot/load"),
             ("/entropy", "entropy"),
             ("/hotplug/memory", "hotplug"),
         ] {

@@ -16,6 +16,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, WriteVolatile};
 
 use super::format;
 use super::state::{SavedDisk, SavedNet, VmState};
+use crate::lock;
 use crate::run::Running;
 
 /// Why a snapshot could not be taken (the VM keeps running paused).
@@ -57,13 +58,9 @@ pub fn create(running: &Running, state_path: &Path, mem_path: &Path) -> Result<(
         .map_err(file_error("the snapshot file", state_path))
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn collect(running: &Running) -> Result<VmState, Error> {
     let machine = &running.machine;
-    let config = &machine.config;
+    let config = lock(&machine.config).clone();
     let mut devices = Vec::new();
     let mut disks = Vec::new();
     for (handle, disk) in running.devices.blocks.iter().zip(&config.disks) {
@@ -75,6 +72,7 @@ fn collect(running: &Running) -> Result<VmState, Error> {
             read_only: disk.read_only,
             serial: disk.serial.clone(),
             size: u64::from_le_bytes(capacity) * 512,
+            rate_limiter: disk.rate_limiter,
         });
         devices.push(
             t.save_state()
@@ -82,19 +80,22 @@ fn collect(running: &Running) -> Result<VmState, Error> {
         );
     }
     let mut nets = Vec::new();
-    for (handle, net) in running.devices.nets.iter().zip(&config.nets) {
+    for (i, (handle, net)) in running.devices.nets.iter().zip(&config.nets).enumerate() {
         let mut t = lock(&handle.transport);
         let mut config_space = [0u8; 12];
         t.device().read_config(0, &mut config_space);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&config_space[..6]);
         nets.push(SavedNet {
+            id: net.id.clone().unwrap_or_else(|| format!("net{i}")),
             tap: match &net.tap {
                 crate::virtio::TapSpec::Name(name) => name.clone(),
                 crate::virtio::TapSpec::Fd(fd) => format!("fd={fd}"),
             },
             mac,
             mtu: u16::from_le_bytes([config_space[10], config_space[11]]),
+            rx_rate_limiter: net.rx_rate_limiter,
+            tx_rate_limiter: net.tx_rate_limiter,
         });
         devices.push(
             t.save_state()
@@ -121,6 +122,7 @@ fn collect(running: &Running) -> Result<VmState, Error> {
     Ok(VmState {
         mem: config.mem,
         regions,
+        frames: machine.frames.placed(),
         acpi: config.acpi,
         boot_timer: config.boot_timer,
         disks,

@@ -3,9 +3,12 @@
 //! the memory file, and the state of every vCPU and device.
 //!
 //! Not in it: guest RAM (the memory file), the rate limiters' buckets
-//! (they start full), counters and logs, the console's host side.
+//! (their settings are saved; they start full), counters and logs, the
+//! console's host side, the dirty log (a restored VM's first diff snapshot
+//! is relative to the snapshot it was restored from).
 
 use devices::ioapic::IoApicState;
+use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::mmio::TransportState;
 use kvm_bindings::kvm_clock_data;
 use serde::{Deserialize, Serialize};
@@ -24,17 +27,25 @@ pub struct SavedDisk {
     pub serial: Option<String>,
     /// Its size in bytes: restore refuses an image that changed size.
     pub size: u64,
+    /// Its limiter's settings (the buckets start full on restore).
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// A network interface as it was when saved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNet {
+    /// The interface's name (`iface_id`), what network overrides match.
+    pub id: String,
     /// The TAP's name (restore may rename it).
     pub tap: String,
     /// The guest's MAC address.
     pub mac: [u8; 6],
     /// The MTU offered.
     pub mtu: u16,
+    /// Limits on frames to the guest.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on frames from the guest.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// COM1's 16550 registers and receive FIFO (vm-superio's `SerialState`).
@@ -77,6 +88,9 @@ pub struct VmState {
     pub mem: u64,
     /// RAM regions as (guest address, bytes), in memory-file order.
     pub regions: Vec<(u64, u64)>,
+    /// The frames minivmm placed (boot structures, ACPI tables) as
+    /// `(guest address, bytes, frame flags)`: `GuestFrames::placed`.
+    pub frames: Vec<(u64, u64, u32)>,
     /// ACPI tables were given to the guest.
     pub acpi: bool,
     /// The boot timer device occupies the first MMIO slot.
