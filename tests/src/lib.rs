@@ -192,10 +192,17 @@ fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
     newest
 }
 
+/// Byte `i` of sector `sector` as the guest's block self-test writes it
+/// (`guest-images/testguest/src/blk.rs`).
+pub fn pattern(sector: u64, i: usize) -> u8 {
+    (sector as u8).wrapping_mul(31) ^ (i as u8) ^ ((i >> 8) as u8) ^ 0x5a
+}
+
 /// A minivmm process whose console output is watched while it runs.
 #[derive(Debug)]
 pub struct Running {
     child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
     stdout: std::sync::Arc<std::sync::Mutex<String>>,
     stderr: thread::JoinHandle<Vec<u8>>,
     reader: thread::JoinHandle<()>,
@@ -204,13 +211,32 @@ pub struct Running {
 
 impl Running {
     /// Starts `command` (stdin from /dev/null, stdout and stderr captured).
-    pub fn start(mut command: Command) -> Running {
+    pub fn start(command: Command) -> Running {
+        Running::start_with(command, Stdio::null())
+    }
+
+    /// As [`Running::start`], with stdin a pipe [`Running::type_in`]
+    /// writes to.
+    pub fn start_typing(command: Command) -> Running {
+        Running::start_with(command, Stdio::piped())
+    }
+
+    /// Writes `bytes` to the process's stdin (from [`Running::start_typing`]).
+    pub fn type_in(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("started with start_typing");
+        stdin.write_all(bytes).expect("write to minivmm's stdin");
+        stdin.flush().expect("flush minivmm's stdin");
+    }
+
+    fn start_with(mut command: Command, stdin: Stdio) -> Running {
         let mut child = command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let input = child.stdin.take();
         let mut out = child.stdout.take().expect("piped stdout");
         let mut err = child.stderr.take().expect("piped stderr");
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -233,6 +259,7 @@ impl Running {
         });
         Running {
             child,
+            stdin: input,
             stdout,
             stderr,
             reader,

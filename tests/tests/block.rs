@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tests::{Outcome, kvm_or_skip, minivmm, test_guest};
+use tests::{Outcome, kvm_or_skip, minivmm, pattern, test_guest};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const SECTOR: usize = 512;
@@ -20,9 +20,6 @@ const SECTOR: usize = 512;
 const READ_SECTORS: usize = 64;
 
 /// The byte the guest writes at offset `i` of `sector` (guest-images README).
-fn pattern(sector: u64, i: usize) -> u8 {
-    (sector as u8).wrapping_mul(31) ^ (i as u8) ^ ((i >> 8) as u8) ^ 0x5a
-}
 
 /// FNV-1a, 64 bit, as the guest prints it.
 fn fnv1a64(bytes: &[u8]) -> u64 {

@@ -228,6 +228,9 @@ pub struct Blk<'p> {
     capacity: u64,
     seg_max: usize,
     size_max: usize,
+    /// The last request's completion was in the used ring when `between`
+    /// returned ([`Blk::request_across`]).
+    used_before: bool,
 }
 
 impl<'p> Blk<'p> {
@@ -281,6 +284,7 @@ impl<'p> Blk<'p> {
             seg_max: seg_max.clamp(1, MAX_SEGMENTS - 2),
             // Whole sectors, at least one.
             size_max: (size_max & !(SECTOR - 1)).max(SECTOR),
+            used_before: false,
         })
     }
 
@@ -320,6 +324,7 @@ impl<'p> Blk<'p> {
             self.dev.notify(0);
         }
         between();
+        self.used_before = self.queue.has_used();
         let used = loop {
             // The driver asks for an interrupt on every completion: wait for
             // it too, so it never lands in a later request's count.
@@ -574,9 +579,14 @@ impl<'p> Blk<'p> {
         if self.queue.has_used() {
             return Err(BlkError::Twice);
         }
+        let when = if self.used_before {
+            "before the snapshot"
+        } else {
+            "after it"
+        };
         self.read_back(ACROSS_SECTOR, 1)?;
         self.say(format_args!(
-            "write sector {ACROSS_SECTOR} across the snapshot: ok, completed once"
+            "write sector {ACROSS_SECTOR} across the snapshot: ok, completed once ({when})"
         ));
         Ok(())
     }

@@ -22,8 +22,8 @@
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
 //!
 //! - `testguest.snapshot=MIB`: the self-test that spans a snapshot
-//!   (`snapshot.rs`): a pattern in `MIB` MiB of RAM, a snapshot point
-//!   between the block and the network tests.
+//!   (`snapshot.rs`): a pattern in `MIB` MiB of RAM and snapshot points in
+//!   the device tests, where the guest waits for a byte on COM1.
 //!
 //! Unknown `testguest.*` options and bad values are reported and ignored.
 

@@ -509,7 +509,16 @@ fn burst_payload(seq: usize) -> [u8; 64] {
 /// Runs the network self-test on device `n` with `cfg`; prints its lines and
 /// returns whether it passed. The device is reset at the end and every pool
 /// buffer returned.
-pub fn selftest(n: usize, dev: MmioDevice, dma: &DmaPool, line: Line, cfg: Option<Config>) -> bool {
+/// `point`, if given, is a snapshot point, run once the device is live
+/// with its receive buffers posted and before any frame is sent.
+pub fn selftest(
+    n: usize,
+    dev: MmioDevice,
+    dma: &DmaPool,
+    line: Line,
+    cfg: Option<Config>,
+    point: Option<&mut dyn FnMut()>,
+) -> bool {
     let Some(cfg) = cfg else {
         log!("net{n}: no testguest.net= configuration: device left alone");
         return true;
@@ -523,6 +532,9 @@ pub fn selftest(n: usize, dev: MmioDevice, dma: &DmaPool, line: Line, cfg: Optio
     };
     let result = match NetDev::init(n, dev, dma, &pool, line, cfg) {
         Ok(mut net) => {
+            if let Some(point) = point {
+                point();
+            }
             let result = net.run();
             let (rxs, txs) = (net.rxq.stats(), net.txq.stats());
             let c = net.counters;

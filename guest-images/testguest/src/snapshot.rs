@@ -4,12 +4,13 @@
 //! allocator and writes one word into every page of it: `pattern(address)`,
 //! so a page restored from the wrong offset, or not at all, shows. It keeps
 //! the frames (the allocator's books stay balanced for the DMA check, which
-//! starts later). At the snapshot point — after the block devices wrote
-//! their sectors and submitted one more write, before the network tests —
-//! it prints `snapshot: ready` and waits for one byte on COM1: the host
-//! snapshots the paused guest meanwhile, and sends the byte to whichever
-//! VM runs on (the original or a restored clone). The guest then prints
-//! `snapshot: resumed`, checks every page's word and prints the verdict.
+//! starts later). At each snapshot point (`drivers.rs`: the first block
+//! device's write test with one more write submitted, the first network
+//! device once it is live; after the device tests if neither) it prints
+//! `snapshot: ready` and waits for one byte on COM1: the host snapshots
+//! the paused guest meanwhile, and sends the byte to whichever VM runs on
+//! (the original or a restored clone). The guest then prints `snapshot:
+//! resumed`, checks every page's word and prints the verdict.
 //!
 //! The guest's CPU work is a few thousand loads and stores (it is emulated
 //! here): one word per 4 KiB page.

@@ -94,6 +94,7 @@ pub enum Error {
 /// `params.resume`).
 pub fn restore(params: &Params) -> Result<Vmm, Error> {
     let state = read_state(&params.state_path)?;
+    check_vcpus(state.vcpus.len())?;
     check(&state)?;
     let nets = net_specs(&state.nets, &params.network_overrides)?;
     check_host(&state, params)?;
@@ -175,9 +176,6 @@ fn read_state(path: &Path) -> Result<VmState, Error> {
 /// The state against itself: what a file written by minivmm always holds.
 fn check(state: &VmState) -> Result<(), Error> {
     let invalid = |m: String| Err(Error::Invalid(m));
-    if state.vcpus.is_empty() || state.vcpus.len() > 255 {
-        return invalid(format!("{} vCPUs", state.vcpus.len()));
-    }
     if state.mem == 0
         || !state.mem.is_multiple_of(memory::PAGE_SIZE)
         || state.mem > memory::layout::MAX_RAM
@@ -207,18 +205,24 @@ fn check(state: &VmState) -> Result<(), Error> {
     Ok(())
 }
 
-/// The host against the state: vCPUs, the memory file, disk images, TAPs.
-fn check_host(state: &VmState, params: &Params) -> Result<(), Error> {
+/// As many vCPUs as KVM here and minivmm (255) can run, and at least one.
+fn check_vcpus(count: usize) -> Result<(), Error> {
+    if count == 0 {
+        return Err(Error::Invalid("no vCPUs".into()));
+    }
     let kvm = kvm_ioctls::Kvm::new()
         .map_err(|e| Error::Host(format!("Cannot open /dev/kvm: {e}")))?;
-    let max = kvm.get_max_vcpus();
-    if state.vcpus.len() > max {
+    let max = kvm.get_max_vcpus().min(255);
+    if count > max {
         return Err(Error::Host(format!(
-            "The snapshot has {} vCPUs, KVM here allows at most {max}",
-            state.vcpus.len()
+            "The snapshot has {count} vCPUs, this host runs at most {max}"
         )));
     }
-    let mem_len = std::fs::metadata(&params.mem_path)
+    Ok(())
+}
+
+/// The host against the state: the memory file and the disk images.
+fn check_host(state: &VmState, params: &Params) -> Result<(), Error> {    let mem_len = std::fs::metadata(&params.mem_path)
         .map_err(|source| Error::Read {
             what: "memory file",
             path: params.mem_path.clone(),
