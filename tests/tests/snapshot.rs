@@ -341,3 +341,128 @@ fn eight_clones_of_one_snapshot_share_the_pages_none_of_them_wrote() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bad_snapshots_are_refused_with_one_line_before_any_vm_exists() {
+    let test = "badsnap";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = scratch(test);
+    let (sock, disk, good) = (dir.join("api.sock"), dir.join("disk.img"), dir.join("good"));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let guest = test_guest();
+    let mut command = std::process::Command::new(minivmm_bin());
+    command.args([
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--mem",
+        "32M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 testguest.snapshot=1 testguest.blk=read",
+    ]);
+    let mut vm = Running::start_typing(command);
+    wait_for_socket(&sock);
+    wait_ready(&mut vm, 1);
+    snapshot_into(&sock, &good);
+    drop(vm.kill());
+    let state = std::fs::read(good.join("snapshot")).unwrap();
+    let memory = good.join("memory");
+
+    // A directory with `state` as its state file and a memory file of
+    // `mem_len` bytes (the good one's when it has the right size).
+    let case = |name: &str, state: &[u8], mem_len: Option<u64>| -> PathBuf {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("snapshot"), state).unwrap();
+        match mem_len {
+            None => std::os::unix::fs::symlink(&memory, d.join("memory")).unwrap(),
+            Some(len) => std::fs::File::create(d.join("memory"))
+                .unwrap()
+                .set_len(len)
+                .unwrap(),
+        }
+        d
+    };
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut s = state.clone();
+        edit(&mut s);
+        s
+    };
+    let mut many: VmState = format::decode(&state).unwrap();
+    many.vcpus = (0..1025)
+        .map(|_| format::decode::<VmState>(&state).unwrap().vcpus.remove(0))
+        .collect();
+    let mut no_devices: VmState = format::decode(&state).unwrap();
+    no_devices.devices.clear();
+    let cases = [
+        (case("truncated", &state[..100], None), "truncated"),
+        (case("empty", &[], None), "truncated"),
+        (
+            case("magic", &with(&|s| s[0] ^= 0xff), None),
+            "bad magic",
+        ),
+        (
+            case("version", &with(&|s| s[8] = 99), None),
+            "version 99 is not supported",
+        ),
+        (
+            case("checksum", &with(&|s| *s.last_mut().unwrap() ^= 1), None),
+            "corrupt (checksum",
+        ),
+        (
+            case("trailing", &with(&|s| s.push(0)), None),
+            "malformed",
+        ),
+        (
+            case("memory", &state, Some(16 << 20)),
+            "holds 16777216 bytes, the snapshot's guest has 33554432",
+        ),
+        (
+            case("vcpus", &format::encode(&many).unwrap(), None),
+            "1025 vCPUs, this host runs at most",
+        ),
+        (
+            case("devices", &format::encode(&no_devices).unwrap(), None),
+            "0 device states for 1 disks",
+        ),
+    ];
+    let refused = |d: &Path, expected: &str| {
+        let outcome = tests::minivmm(["--restore", d.to_str().unwrap()], Duration::from_secs(20));
+        assert_eq!(outcome.code(), 1, "{}: {outcome}", d.display());
+        let lines: Vec<&str> = outcome.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{}: {outcome}", d.display());
+        assert!(
+            lines[0].starts_with("minivmm: ") && lines[0].contains(expected),
+            "{}: {:?} lacks {expected:?}",
+            d.display(),
+            lines[0]
+        );
+        // Nothing ran: no guest output.
+        assert!(outcome.stdout.is_empty(), "{outcome}");
+    };
+    for (d, expected) in &cases {
+        refused(d, expected);
+    }
+    let missing = case("missing", &state, None);
+    std::fs::remove_file(missing.join("memory")).unwrap();
+    refused(&missing, "Cannot read the memory file");
+    // The disk image changed size since the snapshot.
+    std::fs::write(&disk, vec![0u8; (1 << 20) + 4096]).unwrap();
+    refused(&good, "was 1048576 bytes when the snapshot was taken and is 1052672 now");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    // And the good one restores: its guest finishes.
+    let mut c = std::process::Command::new(minivmm_bin());
+    c.args(["--restore", good.to_str().unwrap()]);
+    let mut vm = Running::start_typing(c);
+    vm.type_in(b"g");
+    assert!(vm.wait_exit(Duration::from_secs(60)));
+    let outcome = vm.collect();
+    assert_eq!(outcome.code(), 0, "{outcome}");
+    outcome.line("testguest: selftest: PASS");
+    let _ = std::fs::remove_dir_all(&dir);
+}
