@@ -304,6 +304,7 @@ fn snapshot_state_file() -> Vec<u8> {
     let state = VmState {
         mem: 128 << 20,
         regions: vec![(0, 128 << 20)],
+        frames: vec![(0x9f000, 0x61000, 4), (0x100000, 0x200000, 8)],
         acpi: true,
         boot_timer: false,
         disks: vec![SavedDisk {
@@ -311,6 +312,7 @@ fn snapshot_state_file() -> Vec<u8> {
             read_only: false,
             serial: Some("rootfs".into()),
             size: 1 << 20,
+            rate_limiter: None,
         }],
         nets: vec![],
         vcpus: vec![vcpu],
@@ -352,7 +354,17 @@ fn api_sessions() -> Vec<(&'static str, Vec<u8>)> {
         b"PUT /actions HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 31\r\n\r\n{\"action_type\": \"FlushMetrics\"}".to_vec(),
     ]
     .concat();
-    vec![("boot", boot), ("reads", reads), ("refused", refused)]
+    let load = [
+        http("PUT", "/snapshot/load", r#"{"snapshot_path": "/s/snapshot", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"}, "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#),
+        http("PUT", "/snapshot/load", r#"{"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": true}"#),
+    ]
+    .concat();
+    vec![
+        ("boot", boot),
+        ("reads", reads),
+        ("refused", refused),
+        ("load", load),
+    ]
 }
 
 fn ioapic_session() -> Vec<u8> {

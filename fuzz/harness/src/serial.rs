@@ -41,7 +41,8 @@ impl Write for Sink {
 pub fn run(data: &[u8]) {
     let sink = Sink::default();
     let trigger = IrqFd::unregistered().expect("eventfd");
-    let (serial, _room) = vmm::console::serial(trigger, Box::new(sink.clone())).expect("eventfd");
+    let (serial, _room) =
+        vmm::console::serial(trigger, Box::new(sink.clone()), None).expect("eventfd");
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
     let exit = Arc::new(ExitLatch::new().expect("eventfd"));
     let keyboard = Arc::new(IrqFd::unregistered().expect("eventfd"));

@@ -95,7 +95,7 @@ pub enum Error {
 pub fn restore(params: &Params) -> Result<Vmm, Error> {
     let state = read_state(&params.state_path)?;
     check_vcpus(state.vcpus.len())?;
-    check(&state)?;
+    validate(&state)?;
     let nets = net_specs(&state.nets, &params.network_overrides)?;
     check_host(&state, params)?;
     let mem = open_memory(params)?;
@@ -173,8 +173,9 @@ fn read_state(path: &Path) -> Result<VmState, Error> {
     })
 }
 
-/// The state against itself: what a file written by minivmm always holds.
-fn check(state: &VmState) -> Result<(), Error> {
+/// The state against itself: what a file written by minivmm always holds
+/// (the vCPU count is checked against the host separately).
+pub fn validate(state: &VmState) -> Result<(), Error> {
     let invalid = |m: String| Err(Error::Invalid(m));
     if state.mem == 0
         || !state.mem.is_multiple_of(memory::PAGE_SIZE)
@@ -362,7 +363,7 @@ fn restore_devices(vmm: &Vmm, state: &VmState) -> Result<(), Error> {
             .map_err(|e| Error::State(format!("virtio device {index}: {}", chain(&e))))?;
     }
     // The regions the memory file was mapped as, checked once more against
-    // what was saved (a state that passed `check` always matches).
+    // what was saved (a state that passed `validate` always matches).
     let mapped: Vec<(u64, u64)> = vmm
         .frames()
         .memory()
