@@ -6,7 +6,9 @@
 //!   restored by `--restore` and by `PUT /snapshot/load` (paused, its TAP
 //!   renamed), it finds its RAM pattern and disk sectors, completes the
 //!   write in flight at the snapshot exactly once, and its network I/O;
-//! - eight clones of one snapshot share the pages none of them wrote.
+//! - eight clones of one snapshot share the pages none of them wrote;
+//! - a diff snapshot holds what changed, and full-then-diff is a new full;
+//! - every bad snapshot is refused with one line before a VM exists.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,10 +152,8 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     let ns = Netns::new(test);
     ns.tap("tap0", "10.0.2.2/24");
     let _echo = ns.echo();
-    let mut vm = Running::start_typing(ns.command(
-        &minivmm_bin(),
-        &["--api-sock", sock.to_str().unwrap()],
-    ));
+    let mut vm =
+        Running::start_typing(ns.command(&minivmm_bin(), &["--api-sock", sock.to_str().unwrap()]));
     wait_for_socket(&sock);
     ok(
         &sock,
@@ -183,7 +183,9 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     snapshot_into(&sock, &at_net);
     let original = vm.kill();
     assert!(
-        original.stdout.contains("blk0: write sector 10 across the snapshot: ok"),
+        original
+            .stdout
+            .contains("blk0: write sector 10 across the snapshot: ok"),
         "{original}"
     );
     // Every write made before the snapshots is on disk.
@@ -218,7 +220,10 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     ] {
         outcome.line(line);
     }
-    assert!(!outcome.stdout.contains("booted via PVH"), "restored, not booted");
+    assert!(
+        !outcome.stdout.contains("booted via PVH"),
+        "restored, not booted"
+    );
 
     // The second, through the API, paused, on a TAP of another name in
     // another namespace.
@@ -226,10 +231,9 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     ns2.tap("tap9", "10.0.2.2/24");
     let _echo2 = ns2.echo();
     let sock2 = dir.join("api2.sock");
-    let mut vm = Running::start_typing(ns2.command(
-        &minivmm_bin(),
-        &["--api-sock", sock2.to_str().unwrap()],
-    ));
+    let mut vm = Running::start_typing(
+        ns2.command(&minivmm_bin(), &["--api-sock", sock2.to_str().unwrap()]),
+    );
     wait_for_socket(&sock2);
     let load = |overrides: serde_json::Value, backend: &str| {
         json!({"snapshot_path": at_net.join("snapshot"),
@@ -240,8 +244,16 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     let rename = json!([{"iface_id": "eth0", "host_dev_name": "tap9"}]);
     let unknown = json!([{"iface_id": "eth7", "host_dev_name": "tap9"}]);
     let message = refused(&sock2, "PUT", "/snapshot/load", &load(unknown, "File"));
-    assert!(message.contains("eth7") && message.contains("eth0"), "{message}");
-    let message = refused(&sock2, "PUT", "/snapshot/load", &load(rename.clone(), "Uffd"));
+    assert!(
+        message.contains("eth7") && message.contains("eth0"),
+        "{message}"
+    );
+    let message = refused(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        &load(rename.clone(), "Uffd"),
+    );
     assert!(message.contains("Uffd"), "{message}");
     // The saved TAP does not exist in this namespace.
     let message = refused(&sock2, "PUT", "/snapshot/load", &load(json!([]), "File"));
@@ -311,14 +323,21 @@ fn eight_clones_of_one_snapshot_share_the_pages_none_of_them_wrote() {
         let done = clone.wait_for(Duration::from_secs(60), |out| out.contains("action: hang"));
         let out = clone.stdout_now();
         assert!(done, "{out}");
-        assert!(out.contains("snapshot: pattern in 16384 pages: ok"), "{out}");
+        assert!(
+            out.contains("snapshot: pattern in 16384 pages: ok"),
+            "{out}"
+        );
     }
     let (mut private, mut shared) = (0, 0);
     for clone in &clones {
         let pid = clone.pid();
         let p = rollup(pid, "Private_Clean") + rollup(pid, "Private_Dirty");
         let s = rollup(pid, "Shared_Clean") + rollup(pid, "Shared_Dirty");
-        println!("clone {pid}: private {} KiB, shared {} KiB", p >> 10, s >> 10);
+        println!(
+            "clone {pid}: private {} KiB, shared {} KiB",
+            p >> 10,
+            s >> 10
+        );
         // Each clone has the 64 MiB pattern mapped, from the page cache.
         assert!(s >= 64 * MIB, "clone {pid}: shared {s}");
         private += p;
@@ -402,10 +421,7 @@ fn bad_snapshots_are_refused_with_one_line_before_any_vm_exists() {
     let cases = [
         (case("truncated", &state[..100], None), "truncated"),
         (case("empty", &[], None), "truncated"),
-        (
-            case("magic", &with(&|s| s[0] ^= 0xff), None),
-            "bad magic",
-        ),
+        (case("magic", &with(&|s| s[0] ^= 0xff), None), "bad magic"),
         (
             case("version", &with(&|s| s[8] = 99), None),
             "version 99 is not supported",
@@ -414,10 +430,7 @@ fn bad_snapshots_are_refused_with_one_line_before_any_vm_exists() {
             case("checksum", &with(&|s| *s.last_mut().unwrap() ^= 1), None),
             "corrupt (checksum",
         ),
-        (
-            case("trailing", &with(&|s| s.push(0)), None),
-            "malformed",
-        ),
+        (case("trailing", &with(&|s| s.push(0)), None), "malformed"),
         (
             case("memory", &state, Some(16 << 20)),
             "holds 16777216 bytes, the snapshot's guest has 33554432",
@@ -453,7 +466,10 @@ fn bad_snapshots_are_refused_with_one_line_before_any_vm_exists() {
     refused(&missing, "Cannot read the memory file");
     // The disk image changed size since the snapshot.
     std::fs::write(&disk, vec![0u8; (1 << 20) + 4096]).unwrap();
-    refused(&good, "was 1048576 bytes when the snapshot was taken and is 1052672 now");
+    refused(
+        &good,
+        "was 1048576 bytes when the snapshot was taken and is 1052672 now",
+    );
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     // And the good one restores: its guest finishes.
     let mut c = std::process::Command::new(minivmm_bin());
@@ -463,6 +479,115 @@ fn bad_snapshots_are_refused_with_one_line_before_any_vm_exists() {
     assert!(vm.wait_exit(Duration::from_secs(60)));
     let outcome = vm.collect();
     assert_eq!(outcome.code(), 0, "{outcome}");
+    outcome.line("testguest: selftest: PASS");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Copies the data extents of the sparse file `diff` onto `base`.
+fn merge(diff: &Path, base: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+    let mut d = std::fs::File::open(diff).unwrap();
+    let mut b = std::fs::OpenOptions::new().write(true).open(base).unwrap();
+    let len = d.metadata().unwrap().len() as i64;
+    let mut at = 0i64;
+    while at < len {
+        // SAFETY: lseek on a descriptor this function owns.
+        let data = unsafe { libc::lseek(d.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // No data after `at` (ENXIO).
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(d.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let mut buf = vec![0u8; (hole - data) as usize];
+        d.seek(SeekFrom::Start(data as u64)).unwrap();
+        d.read_exact(&mut buf).unwrap();
+        b.seek(SeekFrom::Start(data as u64)).unwrap();
+        b.write_all(&buf).unwrap();
+        at = hole;
+    }
+}
+
+#[test]
+fn a_diff_snapshot_holds_what_changed_and_full_then_diff_is_a_new_full() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "diff";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let dir = scratch(test);
+    let sock = dir.join("api.sock");
+    let (base, diff, full) = (dir.join("base"), dir.join("diff"), dir.join("full"));
+    let guest = test_guest();
+    let mut command = std::process::Command::new(minivmm_bin());
+    // 328 pages are 1 % of 128 MiB: the guest rewrites them after point 1.
+    command.args([
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--mem",
+        "128M",
+        "--track-dirty-pages",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 testguest.snapshot=32,points=2,touch=328 testguest.action=hang",
+    ]);
+    let mut vm = Running::start_typing(command);
+    wait_for_socket(&sock);
+    wait_ready(&mut vm, 1);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let params = |kind: &str, d: &Path| {
+        std::fs::create_dir_all(d).unwrap();
+        json!({"snapshot_type": kind, "snapshot_path": d.join("snapshot"),
+               "mem_file_path": d.join("memory")})
+        .to_string()
+    };
+    let message = refused(&sock, "PUT", "/snapshot/create", &params("Diff", &diff));
+    assert!(message.contains("full one first"), "{message}");
+    ok(&sock, "PUT", "/snapshot/create", &params("Full", &base));
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    vm.type_in(b"g");
+    wait_ready(&mut vm, 2);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    ok(&sock, "PUT", "/snapshot/create", &params("Diff", &diff));
+    ok(&sock, "PUT", "/snapshot/create", &params("Full", &full));
+    drop(vm.kill());
+
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let (diff_mem, full_mem) = (diff.join("memory"), full.join("memory"));
+    assert_eq!(size(&diff_mem), 128 * MIB, "a sparse file the size of RAM");
+    println!(
+        "full snapshot: {} KiB allocated; diff after 1 % of RAM changed: {} KiB",
+        allocated(&full_mem) >> 10,
+        allocated(&diff_mem) >> 10
+    );
+    assert!(allocated(&diff_mem) >= 328 * 4096, "every rewritten page");
+    assert!(
+        allocated(&diff_mem) * 100 <= allocated(&full_mem) * 3,
+        "the diff is about 1 % of the full snapshot"
+    );
+    // The diff merged onto its base is the new full snapshot's memory.
+    let merged = dir.join("merged");
+    std::fs::create_dir_all(&merged).unwrap();
+    std::fs::copy(base.join("memory"), merged.join("memory")).unwrap();
+    merge(&diff_mem, &merged.join("memory"));
+    assert!(
+        std::fs::read(merged.join("memory")).unwrap() == std::fs::read(&full_mem).unwrap(),
+        "base + diff differs from the full snapshot"
+    );
+    // And it restores: the guest finds generation 1 in the pages it
+    // rewrote and the pattern in the rest.
+    std::fs::copy(diff.join("snapshot"), merged.join("snapshot")).unwrap();
+    let mut c = std::process::Command::new(minivmm_bin());
+    c.args(["--restore", merged.to_str().unwrap()]);
+    let mut vm = Running::start_typing(c);
+    vm.type_in(b"g");
+    let done = vm.wait_for(Duration::from_secs(60), |out| out.contains("action: hang"));
+    let outcome = vm.kill();
+    assert!(done, "{outcome}");
+    outcome.line("testguest: snapshot: pattern in 8192 pages: ok");
     outcome.line("testguest: selftest: PASS");
     let _ = std::fs::remove_dir_all(&dir);
 }

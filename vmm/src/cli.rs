@@ -43,6 +43,11 @@ pub struct Cli {
     #[arg(long = "restore-net", value_name = "ID=TAP", requires = "restore", value_parser = parse_override)]
     pub restore_nets: Vec<(String, String)>,
 
+    /// Have KVM log the pages the guest writes, so the API can take diff
+    /// snapshots (`PUT /snapshot/create` with `"snapshot_type": "Diff"`).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+
     /// With --restore and --api-sock: leave the VM paused until
     /// `PATCH /vm {"state": "Resumed"}`.
     #[arg(long, requires_all = ["restore", "api_sock"])]

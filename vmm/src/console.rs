@@ -45,8 +45,13 @@ pub fn serial(
     let events = ConsoleEvents {
         room: room.try_clone()?,
     };
-    let uart = Serial::from_state(&state.unwrap_or_default(), irq, events, ConsoleOut::new(out))
-        .map_err(|e| io::Error::other(format!("the saved COM1 state: {e:?}")))?;
+    let uart = Serial::from_state(
+        &state.unwrap_or_default(),
+        irq,
+        events,
+        ConsoleOut::new(out),
+    )
+    .map_err(|e| io::Error::other(format!("the saved COM1 state: {e:?}")))?;
     Ok((uart, room))
 }
 

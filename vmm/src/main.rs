@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         nets: cli.nets.clone(),
         acpi: cli.acpi == vmm::cli::Switch::On,
         boot_timer: cli.boot_timer,
+        track_dirty_pages: cli.track_dirty_pages,
     });
     let launch = vmm::api::Launch {
         api_sock: cli.api_sock.clone(),
@@ -39,13 +40,17 @@ fn main() -> ExitCode {
         id: cli.id.clone(),
         boot_timer: cli.boot_timer,
         flags,
-        restore: cli.restore.as_ref().map(|dir| vmm::snapshot::restore::Params {
-            state_path: dir.join(vmm::snapshot::restore::STATE_FILE),
-            mem_path: dir.join(vmm::snapshot::restore::MEMORY_FILE),
-            shared: cli.restore_shared,
-            network_overrides: cli.restore_nets.clone(),
-            resume: !cli.restore_paused,
-        }),
+        restore: cli
+            .restore
+            .as_ref()
+            .map(|dir| vmm::snapshot::restore::Params {
+                track_dirty_pages: cli.track_dirty_pages,
+                state_path: dir.join(vmm::snapshot::restore::STATE_FILE),
+                mem_path: dir.join(vmm::snapshot::restore::MEMORY_FILE),
+                shared: cli.restore_shared,
+                network_overrides: cli.restore_nets.clone(),
+                resume: !cli.restore_paused,
+            }),
     };
     match vmm::api::launch(launch) {
         Ok(exit) => {

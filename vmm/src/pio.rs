@@ -184,7 +184,8 @@ mod tests {
     fn new_bus() -> (Bus, Sink, Arc<ExitLatch>) {
         let sink = Sink::default();
         let (serial, _) =
-            crate::console::serial(IrqFd::unregistered().unwrap(), Box::new(sink.clone()), None).unwrap();
+            crate::console::serial(IrqFd::unregistered().unwrap(), Box::new(sink.clone()), None)
+                .unwrap();
         let exit = Arc::new(ExitLatch::new().unwrap());
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
         let i8042 = I8042::new(Arc::new(IrqFd::unregistered().unwrap()), exit.clone());

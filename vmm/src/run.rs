@@ -57,6 +57,9 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Firecracker's boot-time device in the first MMIO slot (`--boot-timer`).
     pub boot_timer: bool,
+    /// KVM logs the pages the guest writes, for diff snapshots
+    /// (`track_dirty_pages`).
+    pub track_dirty_pages: bool,
 }
 
 /// Errors building or running the VM.
@@ -128,6 +131,9 @@ pub struct Machine {
     /// What the VM was built from, as the API changed it since (drives
     /// swapped, limiters updated).
     pub config: Arc<Mutex<VmConfig>>,
+    /// A memory file holds this VM's RAM as of the last snapshot (or the
+    /// restore): what a diff snapshot is written on top of.
+    pub has_base: Arc<AtomicBool>,
 }
 
 impl Vmm {
@@ -159,11 +165,9 @@ impl Vmm {
             acpi: config.acpi,
         };
         let boot = boot::load(&frames, &boot_config)?;
-        let vm = Vm::new(&frames)?;
+        let vm = Vm::new(&frames, config.track_dirty_pages)?;
         let mut vmm = Vmm::assemble(config, frames, vm, blocks, nets, None)?;
-        vmm.vcpus = vmm
-            .vm
-            .create_vcpus(config.cpus, config.template, &boot)?;
+        vmm.vcpus = vmm.vm.create_vcpus(config.cpus, config.template, &boot)?;
         Ok(vmm)
     }
 
@@ -234,6 +238,7 @@ impl Vmm {
             serial: serial.clone(),
             ioapic,
             config: Arc::new(Mutex::new(config.clone())),
+            has_base: Arc::new(AtomicBool::new(false)),
         };
         let pio = pio::legacy_bus(serial, i8042.clone(), &exit, config.acpi)
             .map_err(|e| Error::Host("the legacy ports", io::Error::other(e.to_string())))?;

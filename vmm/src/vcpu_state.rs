@@ -177,7 +177,7 @@ mod tests {
     /// where KVM is not usable and not required.
     fn new_vcpu() -> Option<(Vm, VcpuFd)> {
         let frames = GuestFrames::new(16 << 20, Backing::Anonymous).unwrap();
-        let vm = match Vm::new(&frames) {
+        let vm = match Vm::new(&frames, false) {
             Ok(vm) => vm,
             Err(e) if std::env::var("MINIVMM_REQUIRE_KVM").as_deref() != Ok("1") => {
                 eprintln!("SKIPPED: {e}");

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use devices::ioapic::{IOAPIC_PINS, MsiMessage, MsiRoutes};
 use kvm_bindings::{
     KVM_API_VERSION, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
-    KvmIrqRouting, Msrs, kvm_clock_data, kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, KvmIrqRouting, Msrs, kvm_clock_data, kvm_enable_cap,
+    kvm_irq_routing_entry, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::GuestFrames;
@@ -86,8 +87,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM and maps every RAM region of `frames` into it.
-    pub fn new(frames: &GuestFrames) -> Result<Self, Error> {
+    /// Creates the VM and maps every RAM region of `frames` into it, one
+    /// memory slot per region (slot `i` is region `i`), with KVM logging
+    /// the pages the guest writes if `log_dirty`.
+    pub fn new(frames: &GuestFrames, log_dirty: bool) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION as i32 {
@@ -103,7 +106,11 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
             // SAFETY: the region is a live mapping of `region.len()` bytes owned by
             // `frames`, which the caller keeps alive for as long as the VM runs
@@ -260,6 +267,21 @@ impl Vm {
         }
         Ok(vcpus)
     }
+}
+
+/// The pages of every memory slot of `vm` (made by [`Vm::new`] with
+/// `log_dirty`) the guest wrote since the last call or since the slot was
+/// created, one bit per page of each region of `frames`; clears KVM's log.
+pub fn take_dirty_log(vm: &VmFd, frames: &GuestFrames) -> Result<Vec<Vec<u64>>, Error> {
+    frames
+        .memory()
+        .iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            vm.get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| Error::Kvm("GET_DIRTY_LOG", e))
+        })
+        .collect()
 }
 
 /// Installs the I/O APIC's routes as KVM's GSI routing table: GSI `n` is pin

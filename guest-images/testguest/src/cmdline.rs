@@ -21,9 +21,11 @@
 //! - `testguest.check=full`: run the O(frames) allocator consistency check
 //!   whatever the RAM size (by default only with at most 512 MiB of RAM).
 //!
-//! - `testguest.snapshot=MIB`: the self-test that spans a snapshot
-//!   (`snapshot.rs`): a pattern in `MIB` MiB of RAM and snapshot points in
-//!   the device tests, where the guest waits for a byte on COM1.
+//! - `testguest.snapshot=MIB[,points=N][,touch=PAGES]`: the self-test that
+//!   spans snapshots (`snapshot.rs`): a pattern in `MIB` MiB of RAM and
+//!   snapshot points in the device tests, where the guest waits for a byte
+//!   on COM1; without devices, `N` points (default 1) after the tests, and
+//!   after each point the first `PAGES` pages of the pattern rewritten.
 //!
 //! Unknown `testguest.*` options and bad values are reported and ignored.
 
@@ -61,8 +63,8 @@ pub struct Options {
     pub blk: Mode,
     /// The network self-test's addresses, per network device.
     pub net: [Option<Config>; MAX_NETS],
-    /// MiB of RAM the snapshot self-test writes its pattern into.
-    pub snapshot: Option<u64>,
+    /// The snapshot self-test's settings.
+    pub snapshot: Option<crate::snapshot::Settings>,
 }
 
 /// Network devices the options can configure.
@@ -85,14 +87,9 @@ pub fn parse(cmdline: &str) -> Options {
                 Err(_) => log!("warning: ignoring {word}: the exit code must be 0..=255"),
             },
             ("check", "full") => options.full_check = true,
-            ("snapshot", v) => match v.parse::<u64>() {
-                Ok(mib) if (1..=crate::snapshot::MAX_MIB).contains(&mib) => {
-                    options.snapshot = Some(mib)
-                }
-                _ => log!(
-                    "warning: ignoring {word}: the pattern is 1 to {} MiB",
-                    crate::snapshot::MAX_MIB
-                ),
+            ("snapshot", v) => match crate::snapshot::Settings::parse(v) {
+                Ok(s) => options.snapshot = Some(s),
+                Err(why) => log!("warning: ignoring {word}: {why}"),
             },
             ("exit", "acpi") => options.acpi_exit = true,
             ("blk", "none") => options.blk = Mode::None,

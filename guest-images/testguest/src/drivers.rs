@@ -162,16 +162,19 @@ impl Point {
     }
 
     fn run(&mut self) {
-        if let Some(p) = &self.pattern {
+        if let Some(p) = &mut self.pattern {
             self.reached += 1;
             self.intact &= p.wait_and_check();
         }
     }
 
-    /// The point after the device tests, if no other was reached.
+    /// The points after the device tests, if no other was reached.
     fn last(&mut self) {
         if self.reached == 0 {
-            self.run();
+            let points = self.pattern.map_or(0, |p| p.points);
+            for _ in 0..points {
+                self.run();
+            }
         }
     }
 }

@@ -156,7 +156,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let pass = selftest::run(&mut setup, &options);
     let pattern = options
         .snapshot
-        .map(|mib| snapshot::prepare(&mut setup.alloc, mib));
+        .map(|settings| snapshot::prepare(&mut setup.alloc, settings));
     let prepared = pattern.is_none_or(|p| p.is_some());
     let devices = drivers::run(
         setup.alloc,

@@ -30,21 +30,69 @@ const WAIT_MS: u64 = 300_000;
 /// Largest pattern accepted (MiB).
 pub const MAX_MIB: u64 = 1024;
 
+/// `testguest.snapshot=MIB[,points=N][,touch=PAGES]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// MiB of RAM holding the pattern.
+    pub mib: u64,
+    /// Points after the device tests when no device had one.
+    pub points: u32,
+    /// Pages of the pattern rewritten after each point.
+    pub touch: u64,
+}
+
+impl Settings {
+    /// Parses the option's value.
+    pub fn parse(v: &str) -> Result<Settings, &'static str> {
+        let mut parts = v.split(',');
+        let mib = parts
+            .next()
+            .and_then(|m| m.parse().ok())
+            .filter(|m| (1..=MAX_MIB).contains(m))
+            .ok_or("the pattern is 1 to 1024 MiB")?;
+        let mut s = Settings {
+            mib,
+            points: 1,
+            touch: 0,
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("points", n)) => {
+                    s.points = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=16).contains(n))
+                        .ok_or("points is 1 to 16")?
+                }
+                Some(("touch", n)) => s.touch = n.parse().map_err(|_| "touch is a page count")?,
+                _ => return Err("expected points=N or touch=PAGES"),
+            }
+        }
+        Ok(s)
+    }
+}
+
 /// The word page `addr` holds.
 pub fn pattern(addr: u64) -> u64 {
     (addr ^ 0x5eed_5eed_0000_0000).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// The pages holding the pattern.
+/// The pages holding the pattern, and how many points changed the first
+/// `touch` of them.
 #[derive(Clone, Copy, Debug)]
 pub struct Pattern {
     start: u64,
     pages: u64,
+    touch: u64,
+    generation: u64,
+    /// Points after the device tests.
+    pub points: u32,
 }
 
-/// Takes `mib` MiB of frames and writes the pattern into them; `None`
-/// (reported) if the allocator cannot give them.
-pub fn prepare(alloc: &mut Allocator, mib: u64) -> Option<Pattern> {
+/// Takes `settings.mib` MiB of frames and writes the pattern into them;
+/// `None` (reported) if the allocator cannot give them.
+pub fn prepare(alloc: &mut Allocator, settings: Settings) -> Option<Pattern> {
+    let mib = settings.mib;
     let frames = mib * (1 << 20) / PAGE_SIZE;
     let limit = PhysAddr(BOOT_MAPPED_LIMIT).frame();
     let range = match alloc.alloc_range(frames, 1, limit, FrameFlags::ALLOCATED) {
@@ -57,6 +105,9 @@ pub fn prepare(alloc: &mut Allocator, mib: u64) -> Option<Pattern> {
     let held = Pattern {
         start: range.start.addr().0,
         pages: range.len(),
+        touch: settings.touch.min(range.len()),
+        generation: 0,
+        points: settings.points,
     };
     for page in 0..held.pages {
         let addr = held.start + page * PAGE_SIZE;
@@ -74,9 +125,17 @@ pub fn prepare(alloc: &mut Allocator, mib: u64) -> Option<Pattern> {
 }
 
 impl Pattern {
+    /// The word page `page` holds now.
+    fn expected(&self, page: u64) -> u64 {
+        let addr = self.start + page * PAGE_SIZE;
+        let generation = if page < self.touch { self.generation } else { 0 };
+        pattern(addr) ^ generation
+    }
+
     /// The snapshot point: prints `snapshot: ready`, waits for the host's
-    /// byte, then checks every page; whether the pattern is intact.
-    pub fn wait_and_check(&self) -> bool {
+    /// byte, then checks every page, and rewrites the first `touch` pages
+    /// with the next generation; whether the pattern was intact.
+    pub fn wait_and_check(&mut self) -> bool {
         log!("snapshot: ready");
         // Nothing may stay in the receive buffer from before.
         let ready = || inb(COM1_LSR) & LSR_DATA_READY != 0;
@@ -97,14 +156,23 @@ impl Pattern {
             let addr = self.start + page * PAGE_SIZE;
             // SAFETY: as in `prepare`: the guest's own frames, still held.
             let word = unsafe { core::ptr::read_volatile(addr as *const u64) };
-            if word != pattern(addr) {
+            if word != self.expected(page) {
                 bad += 1;
                 first.get_or_insert((addr, word));
             }
         }
+        self.generation += 1;
+        for page in 0..self.touch {
+            let addr = self.start + page * PAGE_SIZE;
+            // SAFETY: as in `prepare`.
+            unsafe { core::ptr::write_volatile(addr as *mut u64, self.expected(page)) };
+        }
         match first {
             None => {
                 log!("snapshot: pattern in {} pages: ok", self.pages);
+                if self.touch > 0 {
+                    log!("snapshot: {} pages rewritten", self.touch);
+                }
                 true
             }
             Some((addr, word)) => {

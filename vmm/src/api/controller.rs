@@ -23,6 +23,7 @@ use super::model::*;
 use super::resources::VmResources;
 use super::router::Request;
 use crate::run::Running;
+use crate::snapshot::create::Kind;
 use crate::snapshot::restore;
 use crate::virtio::DeviceHandle;
 
@@ -39,9 +40,6 @@ fn load_params(p: SnapshotLoadParams) -> Result<restore::Params, String> {
         }
         (Some(b), None) => (b.backend_path, b.shared),
     };
-    if p.enable_diff_snapshots || p.track_dirty_pages {
-        return Err("Diff snapshots are not supported yet (track_dirty_pages must be false)".into());
-    }
     if p.clock_realtime {
         return Err("clock_realtime is not supported".into());
     }
@@ -61,6 +59,7 @@ fn load_params(p: SnapshotLoadParams) -> Result<restore::Params, String> {
             .map(|o| (o.iface_id, o.host_dev_name))
             .collect(),
         resume: p.resume_vm,
+        track_dirty_pages: p.track_dirty_pages || p.enable_diff_snapshots,
     })
 }
 
@@ -321,21 +320,28 @@ impl Controller {
         }
     }
 
-    /// `PUT /snapshot/create` of the paused VM (full snapshots only).
+    /// `PUT /snapshot/create` of the paused VM, full or diff.
     fn create_snapshot(&mut self, params: SnapshotCreateParams) -> Outcome {
         let Some(running) = &self.running else {
             return fault(BEFORE_START);
         };
-        if params.snapshot_type == SnapshotType::Diff {
-            return fault("Diff snapshots are not supported yet; take a Full one");
-        }
+        let kind = match params.snapshot_type {
+            SnapshotType::Full => Kind::Full,
+            SnapshotType::Diff => Kind::Diff,
+        };
         let result = crate::snapshot::create::create(
             running,
             Path::new(&params.snapshot_path),
             Path::new(&params.mem_file_path),
+            kind,
         );
         match result {
-            Ok(()) => {
+            Ok(written) => {
+                log::info!(
+                    "{kind:?} snapshot: {} KiB of RAM written to {}",
+                    written >> 10,
+                    params.mem_file_path
+                );
                 self.counters.snapshots += 1;
                 done()
             }

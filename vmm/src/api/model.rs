@@ -22,8 +22,7 @@ pub struct MachineConfig {
     /// Simultaneous multithreading (refused when true).
     #[serde(default)]
     pub smt: bool,
-    /// Dirty page tracking for diff snapshots (refused when true until
-    /// snapshots exist).
+    /// Dirty page tracking for diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Firecracker's CPU template; only `None` is accepted.
@@ -208,7 +207,7 @@ pub enum SnapshotType {
     /// All of guest RAM.
     #[default]
     Full,
-    /// Only what changed since the last snapshot (not yet: refused).
+    /// Only what changed since the last snapshot (needs `track_dirty_pages`).
     Diff,
 }
 

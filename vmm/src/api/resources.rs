@@ -112,6 +112,7 @@ impl VmResources {
             machine: MachineConfig {
                 vcpu_count: u64::from(config.cpus),
                 mem_size_mib: config.mem >> 20,
+                track_dirty_pages: config.track_dirty_pages,
                 ..MachineConfig::default()
             },
             boot: Some(BootSource {
@@ -412,6 +413,7 @@ impl VmResources {
             nets,
             acpi: true,
             boot_timer: false,
+            track_dirty_pages: self.machine.track_dirty_pages,
         })
     }
 
@@ -448,11 +450,6 @@ fn check_machine(m: &MachineConfig) -> Result<(), ApiError> {
     }
     if m.smt {
         return Err(bad("minivmm does not support smt (one thread per core)"));
-    }
-    if m.track_dirty_pages {
-        return Err(bad(
-            "minivmm does not support track_dirty_pages yet (no diff snapshots)",
-        ));
     }
     if let Some(t) = m.cpu_template.as_deref().filter(|t| *t != "None") {
         return Err(bad(format!(

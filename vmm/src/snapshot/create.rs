@@ -1,6 +1,15 @@
-//! Taking a full snapshot of a paused VM: the state file (`format`) and the
+//! Taking a snapshot of a paused VM: the state file (`format`) and the
 //! memory file (guest RAM, region after region, as the state's `regions`
 //! list them).
+//!
+//! A full snapshot writes all of RAM. A diff snapshot writes only the pages
+//! written since the last snapshot (or the restore): those KVM's dirty log
+//! shows the guest wrote (`KVM_MEM_LOG_DIRTY_PAGES`, on with
+//! `track_dirty_pages`) and those minivmm's devices marked in the frames'
+//! dirty log (DMA bypasses KVM's), at their offsets in the memory file. Into
+//! the base's memory file (or a copy of it) that makes it a full snapshot of
+//! now; into a new file, a sparse one (holes where nothing changed) the
+//! size of RAM, to be merged onto the base.
 //!
 //! Order: the devices give back the chains they hold (which writes nothing
 //! to guest memory), every vCPU saves its own state at the pause gate, then
@@ -8,11 +17,16 @@
 //! everything that could still touch it. The VM stays paused and can be
 //! resumed afterwards.
 
-use std::fs::File;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, WriteVolatile};
+use memory::PAGE_SIZE;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+    WriteVolatile,
+};
 
 use super::format;
 use super::state::{SavedDisk, SavedNet, VmState};
@@ -25,6 +39,14 @@ pub enum Error {
     /// Snapshots are of paused VMs.
     #[error("The microVM must be paused before a snapshot is taken (PATCH /vm Paused)")]
     NotPaused,
+    /// A diff snapshot without dirty page tracking.
+    #[error(
+        "Diff snapshots need dirty page tracking (track_dirty_pages in /machine-config or /snapshot/load)"
+    )]
+    NotTracking,
+    /// A diff snapshot with nothing to be a diff of.
+    #[error("A diff snapshot needs a full one first (or a VM restored from one): its base")]
+    NoBase,
     /// A vCPU or device could not give its state.
     #[error("Cannot save the state of {0}")]
     State(String),
@@ -41,10 +63,33 @@ pub enum Error {
     },
 }
 
-/// Saves `running` (paused) to `state_path` and `mem_path`.
-pub fn create(running: &Running, state_path: &Path, mem_path: &Path) -> Result<(), Error> {
+/// All of RAM, or what changed since the last snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// All of RAM.
+    Full,
+    /// The pages written since the last snapshot or the restore.
+    Diff,
+}
+
+/// Saves `running` (paused) to `state_path` and `mem_path`; the bytes of
+/// RAM written.
+pub fn create(
+    running: &Running,
+    state_path: &Path,
+    mem_path: &Path,
+    kind: Kind,
+) -> Result<u64, Error> {
     if !running.is_paused() {
         return Err(Error::NotPaused);
+    }
+    let machine = &running.machine;
+    let tracking = lock(&machine.config).track_dirty_pages;
+    if kind == Kind::Diff && !tracking {
+        return Err(Error::NotTracking);
+    }
+    if kind == Kind::Diff && !machine.has_base.load(Ordering::Acquire) {
+        return Err(Error::NoBase);
     }
     let state = collect(running)?;
     let bytes = format::encode(&state).map_err(|e| Error::State(e.to_string()))?;
@@ -52,10 +97,23 @@ pub fn create(running: &Running, state_path: &Path, mem_path: &Path) -> Result<(
         let path = path.display().to_string();
         move |source| Error::File { what, path, source }
     };
-    write_memory(running, mem_path).map_err(file_error("the memory file", mem_path))?;
+    // Taking the logs clears them: the next diff starts from this snapshot.
+    let kvm_log = match tracking {
+        true => crate::vm::take_dirty_log(&machine.vm, &machine.frames)
+            .map_err(|e| Error::State(crate::error_chain(&e)))?,
+        false => Vec::new(),
+    };
+    let device_log = machine.frames.take_dirty();
+    let written = match kind {
+        Kind::Full => write_memory(running, mem_path),
+        Kind::Diff => write_dirty(running, mem_path, kvm_log, &device_log),
+    }
+    .map_err(file_error("the memory file", mem_path))?;
     File::create(state_path)
         .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-        .map_err(file_error("the snapshot file", state_path))
+        .map_err(file_error("the snapshot file", state_path))?;
+    machine.has_base.store(true, Ordering::Release);
+    Ok(written)
 }
 
 fn collect(running: &Running) -> Result<VmState, Error> {
@@ -137,14 +195,116 @@ fn collect(running: &Running) -> Result<VmState, Error> {
 }
 
 /// Writes every RAM region, in order, to `path`.
-fn write_memory(running: &Running, path: &Path) -> std::io::Result<()> {
+fn write_memory(running: &Running, path: &Path) -> io::Result<u64> {
     let mut file = File::create(path)?;
+    let mut written = 0;
     for region in running.machine.frames.memory().iter() {
-        let slice = region
-            .as_volatile_slice()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        file.write_all_volatile(&slice)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let slice = region.as_volatile_slice().map_err(io::Error::other)?;
+        file.write_all_volatile(&slice).map_err(io::Error::other)?;
+        written += region.len();
     }
-    file.sync_all()
+    file.sync_all()?;
+    Ok(written)
+}
+
+/// Writes the pages `kvm_log` (a bitmap per region) or `device_log` (guest
+/// ranges) mark into `path` at their memory-file offsets: a file of RAM's
+/// size is updated in place, a new or empty one made that size first.
+fn write_dirty(
+    running: &Running,
+    path: &Path,
+    mut kvm_log: Vec<Vec<u64>>,
+    device_log: &[(GuestAddress, u64)],
+) -> io::Result<u64> {
+    let frames = &running.machine.frames;
+    let regions: Vec<_> = frames.memory().iter().collect();
+    kvm_log.resize(regions.len(), Vec::new());
+    for (bitmap, region) in kvm_log.iter_mut().zip(&regions) {
+        bitmap.resize((region.len() / PAGE_SIZE).div_ceil(64) as usize, 0);
+    }
+    for &(addr, len) in device_log {
+        mark(&mut kvm_log, &regions, addr.0, len);
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let total = frames.ram_size();
+    match file.metadata()?.len() {
+        0 => file.set_len(total)?,
+        len if len == total => {}
+        len => {
+            return Err(io::Error::other(format!(
+                "it holds {len} bytes, not the guest's {total}: a diff goes into its base's memory file or a new one"
+            )));
+        }
+    }
+    let (mut offset, mut written) = (0, 0);
+    for (bitmap, region) in kvm_log.iter().zip(&regions) {
+        for (first, pages) in runs(bitmap) {
+            let slice = region
+                .get_slice(
+                    MemoryRegionAddress(first * PAGE_SIZE),
+                    (pages * PAGE_SIZE) as usize,
+                )
+                .map_err(io::Error::other)?;
+            file.seek(SeekFrom::Start(offset + first * PAGE_SIZE))?;
+            file.write_all_volatile(&slice).map_err(io::Error::other)?;
+            written += pages * PAGE_SIZE;
+        }
+        offset += region.len();
+    }
+    file.sync_all()?;
+    Ok(written)
+}
+
+/// Sets the bits of the pages `[addr, addr + len)` covers in the bitmaps of
+/// the regions they lie in.
+fn mark(bitmaps: &mut [Vec<u64>], regions: &[&GuestRegionMmap], addr: u64, len: u64) {
+    for (bitmap, region) in bitmaps.iter_mut().zip(regions) {
+        let (start, end) = (region.start_addr().0, region.start_addr().0 + region.len());
+        let (from, to) = (addr.max(start), addr.saturating_add(len).min(end));
+        if from >= to {
+            continue;
+        }
+        for page in (from - start) / PAGE_SIZE..(to - start).div_ceil(PAGE_SIZE) {
+            if let Some(word) = bitmap.get_mut((page / 64) as usize) {
+                *word |= 1 << (page % 64);
+            }
+        }
+    }
+}
+
+/// The runs of set bits of `bitmap` as `(first page, pages)`.
+fn runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            match out.last_mut() {
+                Some((first, pages)) if *first + *pages == page => *pages += 1,
+                _ => out.push((page, 1)),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_join_adjacent_pages_across_words() {
+        let mut bitmap = vec![0u64; 3];
+        for page in [0, 1, 2, 63, 64, 65, 130] {
+            bitmap[page / 64] |= 1 << (page % 64);
+        }
+        assert_eq!(runs(&bitmap), [(0, 3), (63, 3), (130, 1)]);
+        assert!(runs(&[0, 0]).is_empty());
+        assert_eq!(runs(&[u64::MAX, u64::MAX]), [(0, 128)]);
+    }
 }

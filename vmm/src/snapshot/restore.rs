@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use memory::GuestFrames;
 use memory::guest::Backing;
@@ -51,6 +52,9 @@ pub struct Params {
     pub network_overrides: Vec<(String, String)>,
     /// Start the vCPUs (else the VM waits paused for `PATCH /vm`).
     pub resume: bool,
+    /// Log the pages the guest writes, for diff snapshots on top of this
+    /// one.
+    pub track_dirty_pages: bool,
 }
 
 /// Why a snapshot could not be restored.
@@ -110,6 +114,7 @@ pub fn restore(params: &Params) -> Result<Vmm, Error> {
         nets,
         acpi: state.acpi,
         boot_timer: state.boot_timer,
+        track_dirty_pages: params.track_dirty_pages,
     };
     // Devices before RAM: a missing image or TAP is reported first.
     let blocks = virtio::open_disks(&config.disks).map_err(run::Error::from)?;
@@ -126,7 +131,7 @@ pub fn restore(params: &Params) -> Result<Vmm, Error> {
         .place_again(&state.frames)
         .map_err(|e| Error::Invalid(chain(&e)))?;
     let frames = Arc::new(frames);
-    let vm = Vm::new(&frames).map_err(run::Error::from)?;
+    let vm = Vm::new(&frames, params.track_dirty_pages).map_err(run::Error::from)?;
     let mut vmm = Vmm::assemble(
         &config,
         frames,
@@ -144,6 +149,8 @@ pub fn restore(params: &Params) -> Result<Vmm, Error> {
         .restore_vcpus(&state.vcpus)
         .map_err(|e| Error::State(chain(&e)))?;
     vmm.start_paused = !params.resume;
+    // The memory file is the base a diff snapshot of this VM builds on.
+    vmm.machine.has_base.store(true, Ordering::Release);
     for events in &vmm.device_events {
         events.kick();
     }
@@ -211,8 +218,8 @@ fn check_vcpus(count: usize) -> Result<(), Error> {
     if count == 0 {
         return Err(Error::Invalid("no vCPUs".into()));
     }
-    let kvm = kvm_ioctls::Kvm::new()
-        .map_err(|e| Error::Host(format!("Cannot open /dev/kvm: {e}")))?;
+    let kvm =
+        kvm_ioctls::Kvm::new().map_err(|e| Error::Host(format!("Cannot open /dev/kvm: {e}")))?;
     let max = kvm.get_max_vcpus().min(255);
     if count > max {
         return Err(Error::Host(format!(
@@ -223,7 +230,8 @@ fn check_vcpus(count: usize) -> Result<(), Error> {
 }
 
 /// The host against the state: the memory file and the disk images.
-fn check_host(state: &VmState, params: &Params) -> Result<(), Error> {    let mem_len = std::fs::metadata(&params.mem_path)
+fn check_host(state: &VmState, params: &Params) -> Result<(), Error> {
+    let mem_len = std::fs::metadata(&params.mem_path)
         .map_err(|source| Error::Read {
             what: "memory file",
             path: params.mem_path.clone(),
