@@ -1,0 +1,203 @@
+//! Snapshot and restore costs, measured side by side in one run:
+//!
+//! - restoring a 128 MiB trivial guest in a new process (`--restore`), as
+//!   a whole process from spawn to reaped exit, against booting the same
+//!   guest cold; and eight clones restored at once, for the time each
+//!   additional clone adds;
+//! - a diff snapshot of a 1 GiB guest that changed 1 % of its RAM against
+//!   the full snapshot before it.
+//!
+//!     cargo bench -p vmm --bench snapshot
+//!
+//! Under `cargo test` (no `--bench`) each step runs once and must succeed.
+//!
+//! The guest (32-bit PVH entry, paging off) polls COM1 for a byte, then
+//! writes one word into each of `N` pages from 16 MiB up (1 % of RAM),
+//! polls for a second byte and exits through the debug-exit port. The
+//! snapshots are taken while it polls: a restored guest runs a few
+//! instructions before it exits. Firecracker is not measured here yet
+//! (no peer binary is built on these machines; see the README).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::api::{ok, wait_for_socket};
+
+/// The guest, with `pages` (at least 1) to touch.
+fn guest_code(pages: u32) -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (LSR)
+        0xec, 0xa8, 0x01, 0x74, 0xfb, // in al, dx; test al, 1; jz -5
+        0x66, 0xba, 0xf8, 0x03, 0xec, // mov dx, 0x3f8; in al, dx (take it)
+        0xbf, 0x00, 0x00, 0x00, 0x01, // mov edi, 0x1000000
+        0xb9, // mov ecx, pages
+    ];
+    code.extend_from_slice(&pages.max(1).to_le_bytes());
+    code.extend_from_slice(&[
+        0x89, 0x0f, // mov [edi], ecx
+        0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add edi, 0x1000
+        0x49, 0x75, 0xf5, // dec ecx; jnz -11
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
+        0xec, 0xa8, 0x01, 0x74, 0xfb, // wait for the second byte
+        0xb0, 0x00, 0xe6, 0xf4, // mov al, 0; out 0xf4, al
+        0xf4, 0xeb, 0xfd, // hlt; jmp hlt
+    ]);
+    code
+}
+
+fn minivmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_minivmm"))
+}
+
+/// Starts `command` with `input` on its stdin (a pipe, then closed).
+fn spawn(mut command: Command, input: &[u8]) -> Child {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start minivmm");
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(input).expect("write the guest's bytes");
+    child
+}
+
+fn reap(mut child: Child) {
+    let status = child.wait().expect("wait for minivmm");
+    assert!(status.success(), "minivmm ended with {status}");
+}
+
+/// A running guest of `mem` behind an API socket, polling for its first
+/// byte; and its stdin.
+fn boot(dir: &Path, kernel: &Path, mem: &str) -> (Child, PathBuf) {
+    let sock = dir.join(format!("api-{mem}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut c = minivmm();
+    c.args(["--kernel", kernel.to_str().unwrap(), "--mem", mem]);
+    c.args(["--track-dirty-pages", "--api-sock", sock.to_str().unwrap()]);
+    let child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start minivmm");
+    wait_for_socket(&sock);
+    (child, sock)
+}
+
+/// Pauses and snapshots into `dir` (`--restore`'s layout); milliseconds.
+fn snapshot(sock: &Path, dir: &Path, kind: &str) -> f64 {
+    std::fs::create_dir_all(dir).unwrap();
+    ok(sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let body = format!(
+        r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let start = Instant::now();
+    ok(sock, "PUT", "/snapshot/create", &body);
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    if let Err(e) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        assert!(
+            std::env::var("MINIVMM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "/dev/kvm is not usable ({e}) and MINIVMM_REQUIRE_KVM=1 requires it"
+        );
+        println!("SKIPPED snapshot bench: /dev/kvm is not usable ({e})");
+        return;
+    }
+    let rounds = if bench { 15 } else { 1 };
+    let dir = std::env::temp_dir().join(format!("minivmm-snapbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Restore against a cold boot, 128 MiB.
+    let small = dir.join("guest-128m.elf");
+    std::fs::write(&small, tests::pvh_elf(&guest_code(327))).unwrap();
+    let (mut vm, sock) = boot(&dir, &small, "128M");
+    let snap = dir.join("snap-128m");
+    snapshot(&sock, &snap, "Full");
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let restore = || {
+        let mut c = minivmm();
+        c.args(["--restore", snap.to_str().unwrap()]);
+        c
+    };
+    let cold = || {
+        let mut c = minivmm();
+        c.args(["--kernel", small.to_str().unwrap(), "--mem", "128M"]);
+        c
+    };
+    let (mut restores, mut boots, mut clones) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let start = Instant::now();
+        reap(spawn(restore(), b"gg"));
+        restores.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        reap(spawn(cold(), b"gg"));
+        boots.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        let eight: Vec<Child> = (0..8).map(|_| spawn(restore(), b"gg")).collect();
+        eight.into_iter().for_each(reap);
+        clones.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let (restore_ms, boot_ms, eight_ms) = (median(restores), median(boots), median(clones));
+    println!("128 MiB trivial guest, {rounds} rounds, medians, whole processes:");
+    println!("| | wall |");
+    println!("|---|---|");
+    println!("| restore (--restore, to the guest's exit) | {restore_ms:.1} ms |");
+    println!("| cold boot of the same guest | {boot_ms:.1} ms |");
+    println!("| 8 clones restored at once | {eight_ms:.1} ms |");
+    println!(
+        "restore/boot {:.2}; each clone after the first adds {:.1} ms",
+        restore_ms / boot_ms,
+        (eight_ms - restore_ms).max(0.0) / 7.0
+    );
+
+    // Diff against full, 1 GiB with 1 % changed.
+    let large = dir.join("guest-1g.elf");
+    std::fs::write(&large, tests::pvh_elf(&guest_code(2621))).unwrap();
+    let (mut fulls, mut diffs) = (Vec::new(), Vec::new());
+    for round in 0..rounds.min(5) {
+        let (mut vm, sock) = boot(&dir, &large, "1G");
+        let full = snapshot(&sock, &dir.join(format!("full-{round}")), "Full");
+        ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        let mut stdin = vm.stdin.take().expect("piped");
+        stdin.write_all(b"g").unwrap();
+        // 2621 pages at emulation speed: a few milliseconds.
+        std::thread::sleep(Duration::from_millis(300));
+        let diff_dir = dir.join(format!("diff-{round}"));
+        let diff = snapshot(&sock, &diff_dir, "Diff");
+        let _ = vm.kill();
+        let _ = vm.wait();
+        use std::os::unix::fs::MetadataExt;
+        let written = std::fs::metadata(diff_dir.join("memory")).unwrap().blocks() * 512;
+        assert!(written >= 2621 * 4096, "the diff holds every touched page");
+        std::fs::remove_dir_all(dir.join(format!("full-{round}"))).unwrap();
+        std::fs::remove_dir_all(&diff_dir).unwrap();
+        fulls.push(full);
+        diffs.push(diff);
+    }
+    let (full_ms, diff_ms) = (median(fulls), median(diffs));
+    println!("1 GiB guest, 1 % of RAM changed after a full snapshot:");
+    println!("| snapshot | PUT /snapshot/create |");
+    println!("|---|---|");
+    println!("| full | {full_ms:.1} ms |");
+    println!("| diff | {diff_ms:.1} ms |");
+    println!("diff/full {:.3} (target at most 0.05)", diff_ms / full_ms);
+    let _ = std::fs::remove_dir_all(&dir);
+}
