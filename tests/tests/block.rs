@@ -19,8 +19,6 @@ const SECTOR: usize = 512;
 /// Sectors the guest reads and checksums by default.
 const READ_SECTORS: usize = 64;
 
-/// The byte the guest writes at offset `i` of `sector` (guest-images README).
-
 /// FNV-1a, 64 bit, as the guest prints it.
 fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {

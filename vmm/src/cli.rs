@@ -35,12 +35,12 @@ pub struct Cli {
 
     /// With --restore: map the memory file shared, so the guest's writes
     /// reach it (one VM per memory file).
-    #[arg(long, requires = "restore")]
+    #[arg(long)]
     pub restore_shared: bool,
 
     /// With --restore: the TAP network interface ID (net0, net1... or the
     /// API's iface_id) uses instead of its saved one. Repeatable.
-    #[arg(long = "restore-net", value_name = "ID=TAP", requires = "restore", value_parser = parse_override)]
+    #[arg(long = "restore-net", value_name = "ID=TAP", value_parser = parse_override)]
     pub restore_nets: Vec<(String, String)>,
 
     /// Have KVM log the pages the guest writes, so the API can take diff
@@ -50,7 +50,7 @@ pub struct Cli {
 
     /// With --restore and --api-sock: leave the VM paused until
     /// `PATCH /vm {"state": "Resumed"}`.
-    #[arg(long, requires_all = ["restore", "api_sock"])]
+    #[arg(long)]
     pub restore_paused: bool,
 
     /// Serve Firecracker's API on this Unix socket (HTTP/1.1). Without
@@ -134,6 +134,26 @@ pub enum Switch {
 }
 
 impl Cli {
+    /// What clap's attributes do not check: the --restore-* options only
+    /// with --restore, --restore-paused only with an API to resume it.
+    pub fn check(&self) -> Result<(), String> {
+        let restore_only = [
+            ("--restore-shared", self.restore_shared),
+            ("--restore-net", !self.restore_nets.is_empty()),
+            ("--restore-paused", self.restore_paused),
+        ];
+        if let Some((flag, _)) = restore_only
+            .iter()
+            .find(|(_, given)| *given && self.restore.is_none())
+        {
+            return Err(format!("{flag} needs --restore DIR"));
+        }
+        if self.restore_paused && self.api_sock.is_none() {
+            return Err("--restore-paused needs --api-sock (to resume the VM)".to_owned());
+        }
+        Ok(())
+    }
+
     /// The kernel command line to pass.
     pub fn cmdline(&self) -> &str {
         self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
@@ -406,6 +426,43 @@ mod tests {
         assert!(Cli::try_parse_from(["minivmm"]).is_err());
         assert!(
             Cli::try_parse_from(["minivmm", "--kernel", "k", "--cpu-template", "fast"]).is_err()
+        );
+    }
+
+    #[test]
+    fn cli_restore_takes_a_directory_and_its_options_only_with_it() {
+        let cli = Cli::try_parse_from([
+            "minivmm",
+            "--restore",
+            "/snap",
+            "--restore-net",
+            "net0=tap7",
+            "--restore-shared",
+        ])
+        .unwrap();
+        assert_eq!(cli.restore.as_deref(), Some(std::path::Path::new("/snap")));
+        assert_eq!(cli.restore_nets, [("net0".to_owned(), "tap7".to_owned())]);
+        assert!(cli.restore_shared && !cli.restore_paused);
+        for bad in [
+            &["minivmm", "--restore", "/s", "--kernel", "k"][..],
+            &["minivmm", "--kernel", "k", "--restore-shared"],
+            &["minivmm", "--restore", "/s", "--restore-net", "tap7"],
+            &["minivmm", "--restore", "/s", "--restore-net", "=tap7"],
+            &["minivmm", "--restore", "/s", "--restore-paused"],
+        ] {
+            let cli = Cli::try_parse_from(bad);
+            assert!(cli.is_err() || cli.unwrap().check().is_err(), "{bad:?}");
+        }
+        assert!(
+            Cli::try_parse_from([
+                "minivmm",
+                "--restore",
+                "/s",
+                "--restore-paused",
+                "--api-sock",
+                "a"
+            ])
+            .is_ok()
         );
     }
 }

@@ -301,7 +301,7 @@ mod tests {
     #[test]
     fn console_output_error_is_tried_once_then_output_is_dropped() {
         let attempts = Arc::new(Mutex::new(0));
-        let (mut serial, _) = serial(irq(), Box::new(Broken(attempts.clone()))).unwrap();
+        let (mut serial, _) = serial(irq(), Box::new(Broken(attempts.clone())), None).unwrap();
         for b in b"a lot of guest output\n" {
             // The guest sees no error.
             serial.write(0, *b).unwrap();
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn console_input_waits_for_room_and_loses_nothing() {
-        let (serial, room) = serial(irq(), Box::new(io::sink())).unwrap();
+        let (serial, room) = serial(irq(), Box::new(io::sink()), None).unwrap();
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
         let (reader, mut writer) = io::pipe().unwrap();
         let input = File::from(std::os::fd::OwnedFd::from(reader));
@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn console_input_pauses_while_the_fifo_is_full() {
-        let (serial, room) = serial(irq(), Box::new(io::sink())).unwrap();
+        let (serial, room) = serial(irq(), Box::new(io::sink()), None).unwrap();
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial)));
         let (reader, mut writer) = io::pipe().unwrap();
         writer.write_all(&[b'x'; 100]).unwrap();
@@ -371,5 +371,22 @@ mod tests {
         );
         // Nothing to do while paused: the loop times out instead of spinning.
         assert_eq!(manager.run_with_timeout(10).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_saved_uart_state_restores_its_fifo_and_a_too_long_one_is_refused() {
+        let state = SerialState {
+            in_buffer: b"hi".to_vec(),
+            line_status: 0x61,
+            ..SerialState::default()
+        };
+        let (mut uart, _) = serial(irq(), Box::new(io::sink()), Some(state)).unwrap();
+        assert_eq!((uart.read(0), uart.read(0)), (b'h', b'i'));
+        let flood = SerialState {
+            in_buffer: vec![0; 65],
+            ..SerialState::default()
+        };
+        let e = serial(irq(), Box::new(io::sink()), Some(flood)).unwrap_err();
+        assert!(e.to_string().contains("COM1"), "{e}");
     }
 }

@@ -20,6 +20,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = cli.check() {
+        eprintln!("minivmm: {e}");
+        return ExitCode::from(2);
+    }
     vmm::logger::init(cli.log_level);
     let flags = cli.kernel.clone().map(|kernel| VmConfig {
         kernel,

@@ -613,3 +613,57 @@ impl MutEventSubscriber for ControlEvents {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(json: &str) -> Result<restore::Params, String> {
+        load_params(serde_json::from_str(json).unwrap())
+    }
+
+    #[test]
+    fn load_params_take_either_memory_field_and_refuse_what_minivmm_lacks() {
+        let p = params(
+            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m", "shared": true},
+                "track_dirty_pages": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "t"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.state_path.to_str(), p.mem_path.to_str(), p.shared),
+            (Some("/s"), Some("/m"), true)
+        );
+        assert!(p.track_dirty_pages && !p.resume);
+        assert_eq!(p.network_overrides, [("eth0".into(), "t".into())]);
+        let old = params(
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#,
+        );
+        assert!(old.is_ok_and(|p| p.track_dirty_pages && !p.shared));
+        for (body, why) in [
+            (r#"{"snapshot_path": "/s"}"#, "mem_backend"),
+            (
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+                "not both",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
+                "Uffd",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "clock_realtime": true}"#,
+                "clock_realtime",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "vsock_override": {"uds_path": "v"}}"#,
+                "vsock",
+            ),
+            (
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "huge_pages": "2M"}"#,
+                "huge pages",
+            ),
+        ] {
+            let e = params(body).unwrap_err();
+            assert!(e.contains(why), "{body}: {e}");
+        }
+    }
+}

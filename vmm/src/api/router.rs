@@ -319,6 +319,31 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_load_takes_firecrackers_body() {
+        let body = r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"},
+                       "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#;
+        let Ok(Request::LoadSnapshot(p)) = put("/snapshot/load", body) else {
+            panic!("not a load");
+        };
+        assert_eq!(p.snapshot_path, "/s");
+        assert!(p.resume_vm && !p.track_dirty_pages);
+        assert_eq!(
+            p.mem_backend,
+            Some(MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: "/m".into(),
+                shared: false,
+            })
+        );
+        assert_eq!(p.network_overrides[0].host_dev_name, "tap1");
+        assert!(
+            fault(put("/snapshot/load", r#"{"mem_file_path": "/m"}"#)).contains("snapshot_path")
+        );
+        let bad_type = r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Disk", "backend_path": "/m"}}"#;
+        assert!(fault(put("/snapshot/load", bad_type)).contains("variant"));
+    }
+
+    #[test]
     fn unknown_paths_methods_and_bodies_are_400() {
         assert!(fault(put("/nowhere", "{}")).contains("Invalid request"));
         assert!(fault(route(Method::Other, "/", b"")).contains("Invalid request"));
