@@ -261,6 +261,17 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     ok(&sock2, "PUT", "/snapshot/load", &load(rename, "File"));
     let info = ok(&sock2, "GET", "/", "");
     assert!(info.contains(r#""state":"Paused""#), "{info}");
+    // The restored VM's devices go by their saved names.
+    let config = ok(&sock2, "GET", "/vm/config", "");
+    assert!(
+        config.contains(r#""iface_id":"eth0""#)
+            && config.contains(r#""host_dev_name":"tap9""#)
+            && config.contains(r#""drive_id":"scratch""#),
+        "{config}"
+    );
+    let limit =
+        r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 1000, "refill_time": 100}}}"#;
+    ok(&sock2, "PATCH", "/network-interfaces/eth0", limit);
     let message = refused(&sock2, "PUT", "/snapshot/load", &load(json!([]), "File"));
     assert!(message.contains("after starting"), "{message}");
     vm.type_in(b"g");

@@ -67,9 +67,10 @@ impl VmResources {
         Ok(resources)
     }
 
-    /// The description of a VM the command-line flags configured, for
-    /// `GET /vm/config` and device updates: drives named by their serial or
-    /// `drive<N>`, interfaces `net<N>`.
+    /// The description of a VM the command-line flags configured (or a
+    /// snapshot restored), for `GET /vm/config` and device updates: drives
+    /// named by their serial or `drive<N>`, interfaces by their id or
+    /// `net<N>`.
     pub fn from_vm_config(config: &VmConfig) -> VmResources {
         let drives = config
             .disks
@@ -92,7 +93,7 @@ impl VmResources {
             .iter()
             .enumerate()
             .map(|(i, n)| NetworkInterface {
-                iface_id: format!("net{i}"),
+                iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
                 host_dev_name: match &n.tap {
                     TapSpec::Name(name) => name.clone(),
                     TapSpec::Fd(fd) => format!("fd={fd}"),
