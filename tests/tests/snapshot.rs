@@ -589,10 +589,11 @@ fn a_diff_snapshot_holds_what_changed_and_full_then_diff_is_a_new_full() {
         "base + diff differs from the full snapshot"
     );
     // And it restores: the guest finds generation 1 in the pages it
-    // rewrote and the pattern in the rest.
+    // rewrote and the pattern in the rest. Mapped shared, the memory file
+    // then holds what the guest wrote since (generation 2).
     std::fs::copy(diff.join("snapshot"), merged.join("snapshot")).unwrap();
     let mut c = std::process::Command::new(minivmm_bin());
-    c.args(["--restore", merged.to_str().unwrap()]);
+    c.args(["--restore", merged.to_str().unwrap(), "--restore-shared"]);
     let mut vm = Running::start_typing(c);
     vm.type_in(b"g");
     let done = vm.wait_for(Duration::from_secs(60), |out| out.contains("action: hang"));
@@ -600,5 +601,11 @@ fn a_diff_snapshot_holds_what_changed_and_full_then_diff_is_a_new_full() {
     assert!(done, "{outcome}");
     outcome.line("testguest: snapshot: pattern in 8192 pages: ok");
     outcome.line("testguest: selftest: PASS");
+    let after = std::fs::read(merged.join("memory")).unwrap();
+    let before = std::fs::read(&full_mem).unwrap();
+    let changed = (0..after.len() / 4096)
+        .filter(|p| after[p * 4096..(p + 1) * 4096] != before[p * 4096..(p + 1) * 4096])
+        .count();
+    assert!(changed >= 328, "{changed} pages of the shared file changed");
     let _ = std::fs::remove_dir_all(&dir);
 }
