@@ -22,9 +22,32 @@ pub fn request(sock: &Path, method: &str, path: &str, body: &str) -> (u16, Strin
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).expect("send the request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read the answer");
-    parse(&answer)
+    // Until the body Content-Length announces is in, or the server closes
+    // (a server may keep the connection open despite `Connection: close`).
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !is_whole(&answer) {
+        let n = s.read(&mut buf).expect("read the answer");
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    parse(&String::from_utf8_lossy(&answer))
+}
+
+/// Whether `answer` holds its headers and the whole body they announce.
+fn is_whole(answer: &[u8]) -> bool {
+    let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let headers = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+    let length = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    answer.len() >= end + 4 + length
 }
 
 /// The status and body of a whole response.

@@ -8,15 +8,19 @@
 //!   the full snapshot before it.
 //!
 //!     cargo bench -p vmm --bench snapshot
+//!     MINIVMM_PEER_FIRECRACKER=/path/to/firecracker cargo bench -p vmm --bench snapshot
 //!
 //! Under `cargo test` (no `--bench`) each step runs once and must succeed.
 //!
 //! The guest (32-bit PVH entry, paging off) polls COM1 for a byte, then
 //! writes one word into each of `N` pages from 16 MiB up (1 % of RAM),
-//! polls for a second byte and exits through the debug-exit port. The
-//! snapshots are taken while it polls: a restored guest runs a few
-//! instructions before it exits. Firecracker is not measured here yet
-//! (no peer binary is built on these machines; see the README).
+//! polls for a second byte and exits: the debug-exit port (minivmm), then
+//! an i8042 reset (Firecracker). The snapshots are taken while it polls: a
+//! restored guest runs a few instructions before it exits. With a
+//! Firecracker binary (built from its own sources, outside this
+//! repository) the same guest is snapshotted by Firecracker and both VMMs
+//! load their snapshot through the API (`PUT /snapshot/load`, resume_vm)
+//! in alternation, each from spawn to reaped exit.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +46,7 @@ fn guest_code(pages: u32) -> Vec<u8> {
         0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
         0xec, 0xa8, 0x01, 0x74, 0xfb, // wait for the second byte
         0xb0, 0x00, 0xe6, 0xf4, // mov al, 0; out 0xf4, al
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
         0xf4, 0xeb, 0xfd, // hlt; jmp hlt
     ]);
     code
@@ -99,6 +104,75 @@ fn snapshot(sock: &Path, dir: &Path, kind: &str) -> f64 {
     let start = Instant::now();
     ok(sock, "PUT", "/snapshot/create", &body);
     start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Waits for `sock` to accept, polling every 0.2 ms.
+fn wait_listening(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// `PUT /snapshot/load` of `snap` (`snapshot`, `memory`) into a fresh
+/// `vmm --api-sock`, resumed; milliseconds from spawn to reaped exit.
+fn api_load(vmm: &Path, sock: &Path, snap: &Path) -> f64 {
+    let _ = std::fs::remove_file(sock);
+    let start = Instant::now();
+    let mut c = Command::new(vmm);
+    c.args(["--api-sock", sock.to_str().unwrap()]);
+    let child = spawn(c, b"gg");
+    wait_listening(sock);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        snap.join("snapshot").display(),
+        snap.join("memory").display()
+    );
+    ok(sock, "PUT", "/snapshot/load", &body);
+    reap(child);
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Boots `kernel` in Firecracker through its API and snapshots it into
+/// `snap` while it polls for its first byte.
+fn firecracker_snapshot(firecracker: &Path, kernel: &Path, dir: &Path, snap: &Path) {
+    let sock = dir.join("fc-boot.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut c = Command::new(firecracker);
+    c.args(["--api-sock", sock.to_str().unwrap()]);
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start firecracker");
+    wait_listening(&sock);
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    ok(&sock, "PUT", "/boot-source", &boot);
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    snapshot(&sock, snap, "Full");
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -167,6 +241,29 @@ fn main() {
         restore_ms / boot_ms,
         (eight_ms - restore_ms).max(0.0) / 7.0
     );
+    if let Some(firecracker) = std::env::var_os("MINIVMM_PEER_FIRECRACKER").map(PathBuf::from) {
+        let fc_snap = dir.join("snap-fc");
+        firecracker_snapshot(&firecracker, &small, &dir, &fc_snap);
+        let minivmm_bin = PathBuf::from(env!("CARGO_BIN_EXE_minivmm"));
+        let sock = dir.join("load.sock");
+        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let a = api_load(&minivmm_bin, &sock, &snap);
+            let b = api_load(&firecracker, &sock, &fc_snap);
+            ours.push(a);
+            theirs.push(b);
+            ratios.push(a / b);
+        }
+        println!("snapshot load through the API (PUT /snapshot/load, resume_vm), spawn to exit:");
+        println!("| | wall median |");
+        println!("|---|---|");
+        println!("| minivmm | {:.1} ms |", median(ours));
+        println!("| Firecracker | {:.1} ms |", median(theirs));
+        println!(
+            "minivmm/Firecracker {:.2} (median of pairs; target at most 1.0)",
+            median(ratios)
+        );
+    }
 
     // Diff against full, 1 GiB with 1 % changed.
     let large = dir.join("guest-1g.elf");
