@@ -7,8 +7,10 @@
 //! - a diff snapshot of a 1 GiB guest that changed 1 % of its RAM against
 //!   the full snapshot before it.
 //!
-//!     cargo bench -p vmm --bench snapshot
-//!     MINIVMM_PEER_FIRECRACKER=/path/to/firecracker cargo bench -p vmm --bench snapshot
+//! ```text
+//! cargo bench -p vmm --bench snapshot
+//! MINIVMM_PEER_FIRECRACKER=/path/to/firecracker cargo bench -p vmm --bench snapshot
+//! ```
 //!
 //! Under `cargo test` (no `--bench`) each step runs once and must succeed.
 //!
