@@ -498,6 +498,47 @@ impl GuestFrames {
         Ok(total)
     }
 
+    /// For anonymous RAM: one bitmap per region, a bit per page the kernel
+    /// has populated (present or swapped out, from `/proc/self/pagemap`);
+    /// every other page was never written and reads as zeros, so a full
+    /// snapshot can leave it a hole. `None` for file-backed RAM (a page not
+    /// faulted in still holds the file's data).
+    pub fn populated_pages(&self) -> io::Result<Option<Vec<Vec<u64>>>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const CHUNK: usize = 8192;
+        if self.memory.iter().any(|r| r.file_offset().is_some()) {
+            return Ok(None);
+        }
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let mut out = Vec::with_capacity(self.regions.len());
+        let mut entries = std::vec![0u8; CHUNK * 8];
+        for region in self.memory.iter() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(io::Error::other)? as u64;
+            let pages = (region.len() / PAGE_SIZE) as usize;
+            let mut bitmap = std::vec![0u64; pages.div_ceil(64)];
+            let mut page = 0;
+            while page < pages {
+                let n = CHUNK.min(pages - page);
+                let at = (host / PAGE_SIZE + page as u64) * 8;
+                pagemap.read_exact_at(&mut entries[..n * 8], at)?;
+                for (i, e) in entries[..n * 8].chunks_exact(8).enumerate() {
+                    let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                    if e & (PRESENT | SWAPPED) != 0 {
+                        let p = page + i;
+                        bitmap[p / 64] |= 1 << (p % 64);
+                    }
+                }
+                page += n;
+            }
+            out.push(bitmap);
+        }
+        Ok(Some(out))
+    }
+
     /// Bytes of the VMM's own per-frame state (frame metadata, pin counters,
     /// dirty log) the kernel has populated: what this guest's RAM costs the
     /// VMM beyond the guest's pages. Page-granular, from `mincore`.
@@ -1110,6 +1151,29 @@ mod tests {
             ]
         );
         assert!(g.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn populated_pages_are_the_written_ones_and_file_backed_ram_has_none() {
+        let g = frames(64 * MIB);
+        for addr in [0x3000u64, 0x4000, 40 * MIB + 0x1000] {
+            g.memory().write_obj(1u8, GuestAddress(addr)).unwrap();
+        }
+        let maps = g.populated_pages().unwrap().unwrap();
+        let set: std::vec::Vec<u64> = (0..64 * MIB / PAGE_SIZE)
+            .filter(|p| maps[0][(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(set, [3, 4, (40 * MIB + 0x1000) / PAGE_SIZE]);
+        let file = Arc::new(memfd(16 * MIB).unwrap());
+        let backed = GuestFrames::new(
+            16 * MIB,
+            Backing::File {
+                file,
+                shared: false,
+            },
+        )
+        .unwrap();
+        assert!(backed.populated_pages().unwrap().is_none());
     }
 
     #[test]

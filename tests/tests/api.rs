@@ -541,7 +541,12 @@ fn api_schema_errors_are_400_with_a_fault_message() {
             r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#,
             "before starting",
         ),
-        ("PUT", "/snapshot/load", "{}", "/snapshot/load"),
+        (
+            "PUT",
+            "/snapshot/load",
+            "{}",
+            "missing field `snapshot_path`",
+        ),
         ("PUT", "/entropy", "{}", "entropy"),
         ("PUT", "/hotplug/memory", "{}", "hotplug"),
         ("DELETE", "/", "", "Invalid request"),

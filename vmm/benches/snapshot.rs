@@ -14,10 +14,11 @@
 //!
 //! Under `cargo test` (no `--bench`) each step runs once and must succeed.
 //!
-//! The guest (32-bit PVH entry, paging off) polls COM1 for a byte, then
-//! writes one word into each of `N` pages from 16 MiB up (1 % of RAM),
-//! polls for a second byte and exits: the debug-exit port (minivmm), then
-//! an i8042 reset (Firecracker). The snapshots are taken while it polls: a
+//! The guest (32-bit PVH entry, paging off; the 1 GiB one first writes
+//! every page of its RAM above 16 MiB) polls COM1 for a byte, then writes
+//! one word into each of `N` pages from 16 MiB up (1 % of RAM), polls for
+//! a second byte and exits: the debug-exit port (minivmm), then an i8042
+//! reset (Firecracker). The snapshots are taken while it polls: a
 //! restored guest runs a few instructions before it exits. With a
 //! Firecracker binary (built from its own sources, outside this
 //! repository) the same guest is snapshotted by Firecracker and both VMMs
@@ -31,20 +32,30 @@ use std::time::{Duration, Instant};
 
 use tests::api::{ok, wait_for_socket};
 
-/// The guest, with `pages` (at least 1) to touch.
-fn guest_code(pages: u32) -> Vec<u8> {
-    let mut code = vec![
+/// The guest: writes a word into each of `fill` pages from 16 MiB up (a
+/// guest that used its RAM), polls COM1 for a byte, rewrites the first
+/// `touch` (at least 1) of them, polls for a second byte and exits.
+fn guest_code(fill: u32, touch: u32) -> Vec<u8> {
+    /// `mov edi, 16 MiB; mov ecx, pages; 1: mov [edi], ecx; add edi, 4096;
+    /// dec ecx; jnz 1b`.
+    fn touch_loop(code: &mut Vec<u8>, pages: u32) {
+        code.extend_from_slice(&[0xbf, 0x00, 0x00, 0x00, 0x01, 0xb9]);
+        code.extend_from_slice(&pages.max(1).to_le_bytes());
+        code.extend_from_slice(&[
+            0x89, 0x0f, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x49, 0x75, 0xf5,
+        ]);
+    }
+    let mut code = Vec::new();
+    if fill > 0 {
+        touch_loop(&mut code, fill);
+    }
+    code.extend_from_slice(&[
         0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (LSR)
         0xec, 0xa8, 0x01, 0x74, 0xfb, // in al, dx; test al, 1; jz -5
         0x66, 0xba, 0xf8, 0x03, 0xec, // mov dx, 0x3f8; in al, dx (take it)
-        0xbf, 0x00, 0x00, 0x00, 0x01, // mov edi, 0x1000000
-        0xb9, // mov ecx, pages
-    ];
-    code.extend_from_slice(&pages.max(1).to_le_bytes());
+    ]);
+    touch_loop(&mut code, touch);
     code.extend_from_slice(&[
-        0x89, 0x0f, // mov [edi], ecx
-        0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add edi, 0x1000
-        0x49, 0x75, 0xf5, // dec ecx; jnz -11
         0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
         0xec, 0xa8, 0x01, 0x74, 0xfb, // wait for the second byte
         0xb0, 0x00, 0xe6, 0xf4, // mov al, 0; out 0xf4, al
@@ -52,6 +63,17 @@ fn guest_code(pages: u32) -> Vec<u8> {
         0xf4, 0xeb, 0xfd, // hlt; jmp hlt
     ]);
     code
+}
+
+/// Resident memory of process `pid` in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        >> 10
 }
 
 fn minivmm() -> Command {
@@ -202,7 +224,7 @@ fn main() {
 
     // Restore against a cold boot, 128 MiB.
     let small = dir.join("guest-128m.elf");
-    std::fs::write(&small, tests::pvh_elf(&guest_code(327))).unwrap();
+    std::fs::write(&small, tests::pvh_elf(&guest_code(0, 327))).unwrap();
     let (mut vm, sock) = boot(&dir, &small, "128M");
     let snap = dir.join("snap-128m");
     snapshot(&sock, &snap, "Full");
@@ -269,10 +291,17 @@ fn main() {
 
     // Diff against full, 1 GiB with 1 % changed.
     let large = dir.join("guest-1g.elf");
-    std::fs::write(&large, tests::pvh_elf(&guest_code(2621))).unwrap();
+    // It fills its RAM first: a full snapshot of pages never written is
+    // holes, nearly free.
+    std::fs::write(&large, tests::pvh_elf(&guest_code(258_048, 2621))).unwrap();
     let (mut fulls, mut diffs) = (Vec::new(), Vec::new());
     for round in 0..rounds.min(5) {
         let (mut vm, sock) = boot(&dir, &large, "1G");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rss_mib(vm.id()) < 1000 {
+            assert!(Instant::now() < deadline, "the guest did not fill its RAM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let full = snapshot(&sock, &dir.join(format!("full-{round}")), "Full");
         ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
         let mut stdin = vm.stdin.take().expect("piped");

@@ -104,13 +104,15 @@ pub fn create(
         false => Vec::new(),
     };
     let device_log = machine.frames.take_dirty();
+    refuse_own_backing(&machine.frames, mem_path)
+        .map_err(file_error("the memory file", mem_path))?;
     let written = match kind {
         Kind::Full => write_memory(running, mem_path),
         Kind::Diff => write_dirty(running, mem_path, kvm_log, &device_log),
     }
     .map_err(file_error("the memory file", mem_path))?;
     File::create(state_path)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_data()))
         .map_err(file_error("the snapshot file", state_path))?;
     machine.has_base.store(true, Ordering::Release);
     Ok(written)
@@ -194,16 +196,73 @@ fn collect(running: &Running) -> Result<VmState, Error> {
     })
 }
 
-/// Writes every RAM region, in order, to `path`.
-fn write_memory(running: &Running, path: &Path) -> io::Result<u64> {
-    let mut file = File::create(path)?;
-    let mut written = 0;
-    for region in running.machine.frames.memory().iter() {
-        let slice = region.as_volatile_slice().map_err(io::Error::other)?;
-        file.write_all_volatile(&slice).map_err(io::Error::other)?;
-        written += region.len();
+/// Refuses to write into the file this VM's RAM is mapped from: truncating
+/// it would pull pages from under the guest, and writing into it would
+/// change what other clones mapping it see.
+fn refuse_own_backing(frames: &memory::GuestFrames, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    for region in frames.memory().iter() {
+        if let Some(fo) = region.file_offset() {
+            let backing = fo.file().metadata()?;
+            if (backing.dev(), backing.ino()) == (target.dev(), target.ino()) {
+                return Err(io::Error::other(
+                    "it is the memory file this VM runs from; write the snapshot elsewhere",
+                ));
+            }
+        }
     }
-    file.sync_all()?;
+    Ok(())
+}
+
+/// Writes every RAM region, in order, to `path`. Pages of anonymous RAM
+/// the kernel never populated are zeros: they are left as holes (the file
+/// is RAM's size all the same), so a guest that used little of its RAM
+/// costs little to save.
+fn write_memory(running: &Running, path: &Path) -> io::Result<u64> {
+    let frames = &running.machine.frames;
+    let mut file = File::create(path)?;
+    let Some(populated) = frames.populated_pages()? else {
+        let mut written = 0;
+        for region in frames.memory().iter() {
+            let slice = region.as_volatile_slice().map_err(io::Error::other)?;
+            file.write_all_volatile(&slice).map_err(io::Error::other)?;
+            written += region.len();
+        }
+        file.sync_data()?;
+        return Ok(written);
+    };
+    file.set_len(frames.ram_size())?;
+    let regions: Vec<_> = frames.memory().iter().collect();
+    let written = write_runs(&mut file, &regions, &populated)?;
+    file.sync_data()?;
+    Ok(written)
+}
+
+/// Writes the pages `bitmaps` (one per region) mark at their memory-file
+/// offsets; the bytes written.
+fn write_runs(
+    file: &mut File,
+    regions: &[&GuestRegionMmap],
+    bitmaps: &[Vec<u64>],
+) -> io::Result<u64> {
+    let (mut offset, mut written) = (0, 0);
+    for (bitmap, region) in bitmaps.iter().zip(regions) {
+        for (first, pages) in runs(bitmap) {
+            let slice = region
+                .get_slice(
+                    MemoryRegionAddress(first * PAGE_SIZE),
+                    (pages * PAGE_SIZE) as usize,
+                )
+                .map_err(io::Error::other)?;
+            file.seek(SeekFrom::Start(offset + first * PAGE_SIZE))?;
+            file.write_all_volatile(&slice).map_err(io::Error::other)?;
+            written += pages * PAGE_SIZE;
+        }
+        offset += region.len();
+    }
     Ok(written)
 }
 
@@ -240,22 +299,8 @@ fn write_dirty(
             )));
         }
     }
-    let (mut offset, mut written) = (0, 0);
-    for (bitmap, region) in kvm_log.iter().zip(&regions) {
-        for (first, pages) in runs(bitmap) {
-            let slice = region
-                .get_slice(
-                    MemoryRegionAddress(first * PAGE_SIZE),
-                    (pages * PAGE_SIZE) as usize,
-                )
-                .map_err(io::Error::other)?;
-            file.seek(SeekFrom::Start(offset + first * PAGE_SIZE))?;
-            file.write_all_volatile(&slice).map_err(io::Error::other)?;
-            written += pages * PAGE_SIZE;
-        }
-        offset += region.len();
-    }
-    file.sync_all()?;
+    let written = write_runs(&mut file, &regions, &kvm_log)?;
+    file.sync_data()?;
     Ok(written)
 }
 
