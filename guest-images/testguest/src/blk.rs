@@ -66,6 +66,9 @@ pub const TIMEOUT_MS: u64 = 20_000;
 const WRITE_TEST_MIN_SECTORS: u64 = 11;
 /// The sector written across the snapshot point (`testguest.snapshot`).
 pub const ACROSS_SECTOR: u64 = 10;
+/// How long the write across the snapshot point waits to be served before
+/// the driver notifies.
+const UNNOTIFIED_MS: u64 = 1000;
 /// What read-back buffers hold before the device writes them.
 const POISON: u8 = 0xa5;
 /// Length of a GET_ID answer.
@@ -228,9 +231,9 @@ pub struct Blk<'p> {
     capacity: u64,
     seg_max: usize,
     size_max: usize,
-    /// The last request's completion was in the used ring when `between`
-    /// returned ([`Blk::request_across`]).
-    used_before: bool,
+    /// The device served the last request across a snapshot point without
+    /// its notification ([`Blk::request_across`]).
+    served_unnotified: bool,
 }
 
 impl<'p> Blk<'p> {
@@ -284,7 +287,7 @@ impl<'p> Blk<'p> {
             seg_max: seg_max.clamp(1, MAX_SEGMENTS - 2),
             // Whole sectors, at least one.
             size_max: (size_max & !(SECTOR - 1)).max(SECTOR),
-            used_before: false,
+            served_unnotified: false,
         })
     }
 
@@ -296,18 +299,20 @@ impl<'p> Blk<'p> {
         sector: u64,
         data: &[Segment<'_>],
     ) -> Result<(u8, u32), BlkError> {
-        self.request_across(kind, sector, data, &mut || {})
+        self.request_across(kind, sector, data, None)
     }
 
-    /// As [`Blk::request`], running `between` after the request is
-    /// submitted and notified and before its completion is awaited (the
-    /// snapshot point: the request is in flight across it).
+    /// As [`Blk::request`]; with `between` (the snapshot point), the request
+    /// is made available but not notified, `between` runs, and the driver
+    /// waits up to [`UNNOTIFIED_MS`] for the device to serve it anyway (a
+    /// restored VM's device does: restore kicks every queue) before it
+    /// notifies. `served_unnotified` says which happened.
     fn request_across(
         &mut self,
         kind: u32,
         sector: u64,
         data: &[Segment<'_>],
-        between: &mut dyn FnMut(),
+        between: Option<&mut dyn FnMut()>,
     ) -> Result<(u8, u32), BlkError> {
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&kind.to_le_bytes());
@@ -320,11 +325,24 @@ impl<'p> Blk<'p> {
             let s = self.status.whole()?;
             self.queue.submit(&[&[h], data, &[s]])?
         };
-        if self.queue.should_notify() {
-            self.dev.notify(0);
+        match between {
+            None => {
+                if self.queue.should_notify() {
+                    self.dev.notify(0);
+                }
+            }
+            Some(between) => {
+                between();
+                let (queue, line) = (&self.queue, &self.line);
+                let served = irq::wait_until(UNNOTIFIED_MS, || {
+                    queue.has_used() && line.count() > interrupts
+                });
+                self.served_unnotified = served.is_ok();
+                if served.is_err() {
+                    self.dev.notify(0);
+                }
+            }
         }
-        between();
-        self.used_before = self.queue.has_used();
         let used = loop {
             // The driver asks for an interrupt on every completion: wait for
             // it too, so it never lands in a later request's count.
@@ -568,21 +586,22 @@ impl<'p> Blk<'p> {
         }
     }
 
-    /// The snapshot point with a write in flight across it: sector
-    /// [`ACROSS_SECTOR`] is written, `point` runs while the request may
-    /// still be on the device's queue, and the request must then complete
-    /// exactly once with the data on disk.
+    /// The snapshot point with a write in flight across it: a write of
+    /// sector [`ACROSS_SECTOR`] is made available (not notified), `point`
+    /// runs, and the request must then complete exactly once with the data
+    /// on disk: served by a restored device without a notification, or by
+    /// the original after the driver's.
     fn write_across(&mut self, point: &mut dyn FnMut()) -> Result<(), BlkError> {
         let data = self.pattern_buffer(ACROSS_SECTOR, 1)?;
-        let result = self.request_across(T_OUT, ACROSS_SECTOR, &[data.whole()?], point)?;
+        let result = self.request_across(T_OUT, ACROSS_SECTOR, &[data.whole()?], Some(point))?;
         self.expect("write across the snapshot", result, S_OK)?;
         if self.queue.has_used() {
             return Err(BlkError::Twice);
         }
-        let when = if self.used_before {
-            "before the snapshot"
+        let when = if self.served_unnotified {
+            "served without a notification"
         } else {
-            "after it"
+            "served after its notification"
         };
         self.read_back(ACROSS_SECTOR, 1)?;
         self.say(format_args!(
