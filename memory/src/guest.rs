@@ -498,19 +498,17 @@ impl GuestFrames {
         Ok(total)
     }
 
-    /// For anonymous RAM: one bitmap per region, a bit per page the kernel
-    /// has populated (present or swapped out, from `/proc/self/pagemap`);
-    /// every other page was never written and reads as zeros, so a full
-    /// snapshot can leave it a hole. `None` for file-backed RAM (a page not
-    /// faulted in still holds the file's data).
-    pub fn populated_pages(&self) -> io::Result<Option<Vec<Vec<u64>>>> {
+    /// One bitmap per region, a bit per page that may hold something other
+    /// than zeros: one the kernel has populated (present or swapped out,
+    /// from `/proc/self/pagemap`) or, for RAM mapped from a file, one whose
+    /// file range holds data (`SEEK_DATA`; a file system without it reports
+    /// all data). Every other page reads as zeros, so a full snapshot can
+    /// leave it a hole.
+    pub fn populated_pages(&self) -> io::Result<Vec<Vec<u64>>> {
         use std::os::unix::fs::FileExt;
         const PRESENT: u64 = 1 << 63;
         const SWAPPED: u64 = 1 << 62;
         const CHUNK: usize = 8192;
-        if self.memory.iter().any(|r| r.file_offset().is_some()) {
-            return Ok(None);
-        }
         let pagemap = File::open("/proc/self/pagemap")?;
         let mut out = Vec::with_capacity(self.regions.len());
         let mut entries = std::vec![0u8; CHUNK * 8];
@@ -520,6 +518,7 @@ impl GuestFrames {
                 .map_err(io::Error::other)? as u64;
             let pages = (region.len() / PAGE_SIZE) as usize;
             let mut bitmap = std::vec![0u64; pages.div_ceil(64)];
+            let mut set = |p: usize| bitmap[p / 64] |= 1 << (p % 64);
             let mut page = 0;
             while page < pages {
                 let n = CHUNK.min(pages - page);
@@ -528,15 +527,21 @@ impl GuestFrames {
                 for (i, e) in entries[..n * 8].chunks_exact(8).enumerate() {
                     let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
                     if e & (PRESENT | SWAPPED) != 0 {
-                        let p = page + i;
-                        bitmap[p / 64] |= 1 << (p % 64);
+                        set(page + i);
                     }
                 }
                 page += n;
             }
+            if let Some(fo) = region.file_offset() {
+                for (start, end) in data_extents(fo.file(), fo.start(), region.len())? {
+                    let first = (start / PAGE_SIZE) as usize;
+                    let last = end.div_ceil(PAGE_SIZE) as usize;
+                    (first..last.min(pages)).for_each(&mut set);
+                }
+            }
             out.push(bitmap);
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// Bytes of the VMM's own per-frame state (frame metadata, pin counters,
@@ -695,6 +700,41 @@ impl std::fmt::Debug for PinSet {
             .field("anchors", &self.anchors)
             .finish()
     }
+}
+
+/// The data extents of `file` within `[start, start + len)`, as offsets
+/// from `start`.
+fn data_extents(file: &File, start: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on a descriptor `file` owns; it moves only that
+        // descriptor's offset, which nothing here reads (mappings and
+        // positioned reads ignore it).
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // No data from `at` to the end of the file.
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        out.push((data - start, hole - start));
+        at = hole;
+    }
+    Ok(out)
 }
 
 /// Maps each region from its file offset copy-on-write.
@@ -1154,26 +1194,29 @@ mod tests {
     }
 
     #[test]
-    fn populated_pages_are_the_written_ones_and_file_backed_ram_has_none() {
+    fn populated_pages_are_the_written_ones_and_a_files_data() {
         let g = frames(64 * MIB);
         for addr in [0x3000u64, 0x4000, 40 * MIB + 0x1000] {
             g.memory().write_obj(1u8, GuestAddress(addr)).unwrap();
         }
-        let maps = g.populated_pages().unwrap().unwrap();
+        let maps = g.populated_pages().unwrap();
         let set: std::vec::Vec<u64> = (0..64 * MIB / PAGE_SIZE)
             .filter(|p| maps[0][(p / 64) as usize] & (1 << (p % 64)) != 0)
             .collect();
         assert_eq!(set, [3, 4, (40 * MIB + 0x1000) / PAGE_SIZE]);
-        let file = Arc::new(memfd(16 * MIB).unwrap());
-        let backed = GuestFrames::new(
-            16 * MIB,
-            Backing::File {
-                file,
-                shared: false,
-            },
-        )
-        .unwrap();
-        assert!(backed.populated_pages().unwrap().is_none());
+        // Mapped from a file: its data extents count, written or not.
+        let file = memory_file(16 * MIB, 5 * PAGE_SIZE, 9);
+        let shared = false;
+        let backed = GuestFrames::new(16 * MIB, Backing::File { file, shared }).unwrap();
+        backed
+            .memory()
+            .write_obj(1u8, GuestAddress(0x9000))
+            .unwrap();
+        let maps = backed.populated_pages().unwrap();
+        let set: std::vec::Vec<u64> = (0..16 * MIB / PAGE_SIZE)
+            .filter(|p| maps[0][(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(set, [5, 9]);
     }
 
     #[test]

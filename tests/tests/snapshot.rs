@@ -597,7 +597,12 @@ fn a_diff_snapshot_holds_what_changed_and_full_then_diff_is_a_new_full() {
     // The diff merged onto its base is the new full snapshot's memory.
     let merged = dir.join("merged");
     std::fs::create_dir_all(&merged).unwrap();
-    std::fs::copy(base.join("memory"), merged.join("memory")).unwrap();
+    // Sparse like its parts (std::fs::copy would fill the holes).
+    std::fs::File::create(merged.join("memory"))
+        .unwrap()
+        .set_len(128 * MIB)
+        .unwrap();
+    merge(&base.join("memory"), &merged.join("memory"));
     merge(&diff_mem, &merged.join("memory"));
     assert!(
         std::fs::read(merged.join("memory")).unwrap() == std::fs::read(&full_mem).unwrap(),
@@ -620,6 +625,17 @@ fn a_diff_snapshot_holds_what_changed_and_full_then_diff_is_a_new_full() {
         json!({"snapshot_path": dir.join("own.snap"), "mem_file_path": merged.join("memory")});
     let message = refused(&sock2, "PUT", "/snapshot/create", &own.to_string());
     assert!(message.contains("runs from"), "{message}");
+    // A full snapshot of the restored VM elsewhere is its RAM, with holes
+    // where neither its memory file nor the guest since put anything.
+    let again = dir.join("again");
+    ok(&sock2, "PUT", "/snapshot/create", &params("Full", &again));
+    let again_mem = again.join("memory");
+    assert!(
+        allocated(&again_mem) < 64 * MIB,
+        "{} KiB",
+        allocated(&again_mem) >> 10
+    );
+    assert!(std::fs::read(&again_mem).unwrap() == std::fs::read(merged.join("memory")).unwrap());
     let outcome = vm.kill();
     assert!(done, "{outcome}");
     outcome.line("testguest: snapshot: pattern in 8192 pages: ok");

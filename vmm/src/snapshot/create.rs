@@ -217,23 +217,15 @@ fn refuse_own_backing(frames: &memory::GuestFrames, path: &Path) -> io::Result<(
     Ok(())
 }
 
-/// Writes every RAM region, in order, to `path`. Pages of anonymous RAM
-/// the kernel never populated are zeros: they are left as holes (the file
-/// is RAM's size all the same), so a guest that used little of its RAM
-/// costs little to save.
+/// Writes every RAM region, in order, to `path`. Pages that read as zeros
+/// because nothing ever wrote them (`GuestFrames::populated_pages`: never
+/// populated, and for a restored VM a hole in the file it was restored
+/// from too) are left as holes (the file is RAM's size all the same), so a
+/// guest that used little of its RAM costs little to save.
 fn write_memory(running: &Running, path: &Path) -> io::Result<u64> {
     let frames = &running.machine.frames;
+    let populated = frames.populated_pages()?;
     let mut file = File::create(path)?;
-    let Some(populated) = frames.populated_pages()? else {
-        let mut written = 0;
-        for region in frames.memory().iter() {
-            let slice = region.as_volatile_slice().map_err(io::Error::other)?;
-            file.write_all_volatile(&slice).map_err(io::Error::other)?;
-            written += region.len();
-        }
-        file.sync_data()?;
-        return Ok(written);
-    };
     file.set_len(frames.ram_size())?;
     let regions: Vec<_> = frames.memory().iter().collect();
     let written = write_runs(&mut file, &regions, &populated)?;
