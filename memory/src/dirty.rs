@@ -129,6 +129,63 @@ impl<B: AsRef<[AtomicU64]>> DirtyLog<B> {
     }
 }
 
+/// The runs of set bits of a plain bitmap (bit `i` of word `i / 64` is
+/// item `i`, as in KVM's dirty log) as `(first, count)`, in order; nothing
+/// is allocated.
+pub fn bit_runs(words: &[u64]) -> BitRuns<'_> {
+    BitRuns {
+        words,
+        word: 0,
+        bits: words.first().copied().unwrap_or(0),
+    }
+}
+
+/// The iterator of [`bit_runs`].
+#[derive(Debug)]
+pub struct BitRuns<'a> {
+    words: &'a [u64],
+    /// Index of the word `bits` is what is left of.
+    word: usize,
+    bits: u64,
+}
+
+impl BitRuns<'_> {
+    /// The next set bit, cleared.
+    fn next_bit(&mut self) -> Option<u64> {
+        while self.bits == 0 {
+            self.word += 1;
+            self.bits = *self.words.get(self.word)?;
+        }
+        let i = self.word as u64 * 64 + u64::from(self.bits.trailing_zeros());
+        self.bits &= self.bits - 1;
+        Some(i)
+    }
+
+    /// Whether bit `i` is set (and not yet taken).
+    fn peek_is(&self, i: u64) -> bool {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        match w.cmp(&self.word) {
+            core::cmp::Ordering::Equal => self.bits & (1 << b) != 0,
+            core::cmp::Ordering::Greater => self.words.get(w).is_some_and(|x| x & (1 << b) != 0),
+            core::cmp::Ordering::Less => false,
+        }
+    }
+}
+
+impl Iterator for BitRuns<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let first = self.next_bit()?;
+        let mut count = 1;
+        while self.peek_is(first + count) {
+            self.next_bit();
+            count += 1;
+        }
+        Some((first, count))
+    }
+}
+
 impl<B> fmt::Debug for DirtyLog<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DirtyLog")
@@ -149,6 +206,19 @@ mod tests {
             .map(|_| AtomicU64::new(0))
             .collect();
         DirtyLog::new(map, words).unwrap()
+    }
+
+    #[test]
+    fn bit_runs_join_adjacent_bits_across_words() {
+        let mut words = [0u64; 3];
+        for i in [0, 1, 2, 63, 64, 65, 130] {
+            words[i / 64] |= 1 << (i % 64);
+        }
+        let runs = |w: &[u64]| bit_runs(w).collect::<Vec<_>>();
+        assert_eq!(runs(&words), [(0, 3), (63, 3), (130, 1)]);
+        assert!(runs(&[0, 0]).is_empty() && runs(&[]).is_empty());
+        assert_eq!(runs(&[u64::MAX, u64::MAX]), [(0, 128)]);
+        assert_eq!(runs(&[0, 1 << 63, 1]), [(127, 2)]);
     }
 
     #[test]

@@ -498,19 +498,20 @@ impl GuestFrames {
         Ok(total)
     }
 
-    /// One bitmap per region, a bit per page that may hold something other
-    /// than zeros: one the kernel has populated (present or swapped out,
-    /// from `/proc/self/pagemap`) or, for RAM mapped from a file, one whose
-    /// file range holds data (`SEEK_DATA`; a file system without it reports
-    /// all data). Every other page reads as zeros, so a full snapshot can
-    /// leave it a hole.
-    pub fn populated_pages(&self) -> io::Result<Vec<Vec<u64>>> {
+    /// The ranges `(start, bytes)` of the pages that may hold something
+    /// other than zeros, as [`GuestFrames::take_dirty`] gives them: pages
+    /// the kernel has populated (present or swapped out, from
+    /// `/proc/self/pagemap`) or, for RAM mapped from a file, whose file
+    /// range holds data (`SEEK_DATA`; a file system without it reports all
+    /// data). Every other page reads as zeros, so a full snapshot can leave
+    /// it a hole.
+    pub fn populated(&self) -> io::Result<Vec<(GuestAddress, u64)>> {
         use std::os::unix::fs::FileExt;
         const PRESENT: u64 = 1 << 63;
         const SWAPPED: u64 = 1 << 62;
         const CHUNK: usize = 8192;
         let pagemap = File::open("/proc/self/pagemap")?;
-        let mut out = Vec::with_capacity(self.regions.len());
+        let mut out = Vec::new();
         let mut entries = std::vec![0u8; CHUNK * 8];
         for region in self.memory.iter() {
             let host = region
@@ -539,7 +540,11 @@ impl GuestFrames {
                     (first..last.min(pages)).for_each(&mut set);
                 }
             }
-            out.push(bitmap);
+            let base = region.start_addr().0;
+            out.extend(
+                crate::dirty::bit_runs(&bitmap)
+                    .map(|(page, n)| (GuestAddress(base + page * PAGE_SIZE), n * PAGE_SIZE)),
+            );
         }
         Ok(out)
     }
@@ -1199,11 +1204,13 @@ mod tests {
         for addr in [0x3000u64, 0x4000, 40 * MIB + 0x1000] {
             g.memory().write_obj(1u8, GuestAddress(addr)).unwrap();
         }
-        let maps = g.populated_pages().unwrap();
-        let set: std::vec::Vec<u64> = (0..64 * MIB / PAGE_SIZE)
-            .filter(|p| maps[0][(p / 64) as usize] & (1 << (p % 64)) != 0)
-            .collect();
-        assert_eq!(set, [3, 4, (40 * MIB + 0x1000) / PAGE_SIZE]);
+        assert_eq!(
+            g.populated().unwrap(),
+            [
+                (GuestAddress(0x3000), 2 * PAGE_SIZE),
+                (GuestAddress(40 * MIB + 0x1000), PAGE_SIZE)
+            ]
+        );
         // Mapped from a file: its data extents count, written or not.
         let file = memory_file(16 * MIB, 5 * PAGE_SIZE, 9);
         let shared = false;
@@ -1212,11 +1219,13 @@ mod tests {
             .memory()
             .write_obj(1u8, GuestAddress(0x9000))
             .unwrap();
-        let maps = backed.populated_pages().unwrap();
-        let set: std::vec::Vec<u64> = (0..16 * MIB / PAGE_SIZE)
-            .filter(|p| maps[0][(p / 64) as usize] & (1 << (p % 64)) != 0)
-            .collect();
-        assert_eq!(set, [5, 9]);
+        assert_eq!(
+            backed.populated().unwrap(),
+            [
+                (GuestAddress(5 * PAGE_SIZE), PAGE_SIZE),
+                (GuestAddress(9 * PAGE_SIZE), PAGE_SIZE)
+            ]
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub mod zeroed;
 
 pub use addr::{FrameNumber, FrameRange, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
 pub use buddy::{FrameAllocator, Stats};
-pub use dirty::DirtyLog;
+pub use dirty::{BitRuns, DirtyLog, bit_runs};
 pub use meta::{FrameFlags, FrameMeta};
 pub use table::{Block, FrameMap, FrameTable, HeldSection, MAX_ORDER, MAX_RANGES};
 

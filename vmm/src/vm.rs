@@ -269,19 +269,23 @@ impl Vm {
     }
 }
 
-/// The pages of every memory slot of `vm` (made by [`Vm::new`] with
-/// `log_dirty`) the guest wrote since the last call or since the slot was
-/// created, one bit per page of each region of `frames`; clears KVM's log.
-pub fn take_dirty_log(vm: &VmFd, frames: &GuestFrames) -> Result<Vec<Vec<u64>>, Error> {
-    frames
-        .memory()
-        .iter()
-        .enumerate()
-        .map(|(slot, region)| {
-            vm.get_dirty_log(slot as u32, region.len() as usize)
-                .map_err(|e| Error::Kvm("GET_DIRTY_LOG", e))
-        })
-        .collect()
+/// Moves KVM's dirty log of every memory slot of `vm` (made by [`Vm::new`]
+/// with `log_dirty`: the pages the guest wrote since the last call or since
+/// the slot was created) into the frames' own dirty log, where the devices
+/// mark what they write; KVM's log is cleared. `frames.take_dirty()` then
+/// gives every page written by either.
+pub fn fold_dirty_log(vm: &VmFd, frames: &GuestFrames) -> Result<(), Error> {
+    for (slot, region) in frames.memory().iter().enumerate() {
+        let bitmap = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|e| Error::Kvm("GET_DIRTY_LOG", e))?;
+        for (page, pages) in memory::bit_runs(&bitmap) {
+            let addr = vm_memory::GuestAddress(region.start_addr().0 + page * memory::PAGE_SIZE);
+            // Inside the slot, so inside RAM: marking cannot fail.
+            let _ = frames.mark_dirty(addr, pages * memory::PAGE_SIZE);
+        }
+    }
+    Ok(())
 }
 
 /// Installs the I/O APIC's routes as KVM's GSI routing table: GSI `n` is pin

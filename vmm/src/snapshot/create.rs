@@ -22,10 +22,8 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use memory::PAGE_SIZE;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
-    WriteVolatile,
+    GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, WriteVolatile,
 };
 
 use super::format;
@@ -91,31 +89,35 @@ pub fn create(
     if kind == Kind::Diff && !machine.has_base.load(Ordering::Acquire) {
         return Err(Error::NoBase);
     }
-    let state = collect(running)?;
-    let bytes = format::encode(&state).map_err(|e| Error::State(e.to_string()))?;
     let file_error = |what, path: &Path| {
         let path = path.display().to_string();
         move |source| Error::File { what, path, source }
     };
-    // Taking the logs clears them: the next diff starts from this snapshot.
-    let kvm_log = match tracking {
-        true => crate::vm::take_dirty_log(&machine.vm, &machine.frames)
-            .map_err(|e| Error::State(crate::error_chain(&e)))?,
-        false => Vec::new(),
-    };
-    let device_log = machine.frames.take_dirty();
     refuse_own_backing(&machine.frames, mem_path)
         .map_err(file_error("the memory file", mem_path))?;
+    let state = collect(running)?;
+    let bytes = format::encode(&state).map_err(|e| Error::State(e.to_string()))?;
+    // Taking the logs clears them: the next diff starts from this snapshot.
+    if tracking {
+        crate::vm::fold_dirty_log(&machine.vm, &machine.frames)
+            .map_err(|e| Error::State(crate::error_chain(&e)))?;
+    }
+    let dirty = machine.frames.take_dirty();
     let written = match kind {
         Kind::Full => write_memory(running, mem_path),
-        Kind::Diff => write_dirty(running, mem_path, kvm_log, &device_log),
+        Kind::Diff => write_dirty(running, mem_path, &dirty),
     }
-    .map_err(file_error("the memory file", mem_path))?;
-    File::create(state_path)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_data()))
-        .map_err(file_error("the snapshot file", state_path))?;
-    machine.has_base.store(true, Ordering::Release);
-    Ok(written)
+    .map_err(file_error("the memory file", mem_path))
+    .and_then(|written| {
+        File::create(state_path)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_data()))
+            .map_err(file_error("the snapshot file", state_path))?;
+        Ok(written)
+    });
+    // The logs are spent either way: without this snapshot on disk, a
+    // later diff would miss what they held, so it needs a new full one.
+    machine.has_base.store(written.is_ok(), Ordering::Release);
+    written
 }
 
 fn collect(running: &Running) -> Result<VmState, Error> {
@@ -218,64 +220,23 @@ fn refuse_own_backing(frames: &memory::GuestFrames, path: &Path) -> io::Result<(
 }
 
 /// Writes every RAM region, in order, to `path`. Pages that read as zeros
-/// because nothing ever wrote them (`GuestFrames::populated_pages`: never
+/// because nothing ever wrote them (`GuestFrames::populated`: never
 /// populated, and for a restored VM a hole in the file it was restored
 /// from too) are left as holes (the file is RAM's size all the same), so a
 /// guest that used little of its RAM costs little to save.
 fn write_memory(running: &Running, path: &Path) -> io::Result<u64> {
     let frames = &running.machine.frames;
-    let populated = frames.populated_pages()?;
+    let populated = frames.populated()?;
     let mut file = File::create(path)?;
     file.set_len(frames.ram_size())?;
-    let regions: Vec<_> = frames.memory().iter().collect();
-    let written = write_runs(&mut file, &regions, &populated)?;
-    file.sync_data()?;
-    Ok(written)
+    write_ranges(&mut file, frames, &populated)
 }
 
-/// Writes the pages `bitmaps` (one per region) mark at their memory-file
-/// offsets; the bytes written.
-fn write_runs(
-    file: &mut File,
-    regions: &[&GuestRegionMmap],
-    bitmaps: &[Vec<u64>],
-) -> io::Result<u64> {
-    let (mut offset, mut written) = (0, 0);
-    for (bitmap, region) in bitmaps.iter().zip(regions) {
-        for (first, pages) in runs(bitmap) {
-            let slice = region
-                .get_slice(
-                    MemoryRegionAddress(first * PAGE_SIZE),
-                    (pages * PAGE_SIZE) as usize,
-                )
-                .map_err(io::Error::other)?;
-            file.seek(SeekFrom::Start(offset + first * PAGE_SIZE))?;
-            file.write_all_volatile(&slice).map_err(io::Error::other)?;
-            written += pages * PAGE_SIZE;
-        }
-        offset += region.len();
-    }
-    Ok(written)
-}
-
-/// Writes the pages `kvm_log` (a bitmap per region) or `device_log` (guest
-/// ranges) mark into `path` at their memory-file offsets: a file of RAM's
-/// size is updated in place, a new or empty one made that size first.
-fn write_dirty(
-    running: &Running,
-    path: &Path,
-    mut kvm_log: Vec<Vec<u64>>,
-    device_log: &[(GuestAddress, u64)],
-) -> io::Result<u64> {
+/// Writes the guest ranges `dirty` into `path` at their memory-file
+/// offsets: a file of RAM's size is updated in place, a new or empty one
+/// made that size first.
+fn write_dirty(running: &Running, path: &Path, dirty: &[(GuestAddress, u64)]) -> io::Result<u64> {
     let frames = &running.machine.frames;
-    let regions: Vec<_> = frames.memory().iter().collect();
-    kvm_log.resize(regions.len(), Vec::new());
-    for (bitmap, region) in kvm_log.iter_mut().zip(&regions) {
-        bitmap.resize((region.len() / PAGE_SIZE).div_ceil(64) as usize, 0);
-    }
-    for &(addr, len) in device_log {
-        mark(&mut kvm_log, &regions, addr.0, len);
-    }
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -291,57 +252,39 @@ fn write_dirty(
             )));
         }
     }
-    let written = write_runs(&mut file, &regions, &kvm_log)?;
+    write_ranges(&mut file, frames, dirty)
+}
+
+/// Writes each guest range (inside RAM, as the frames' own lists are) at
+/// its memory-file offset — the regions laid end to end — and syncs the
+/// data; the bytes written.
+fn write_ranges(
+    file: &mut File,
+    frames: &memory::GuestFrames,
+    ranges: &[(GuestAddress, u64)],
+) -> io::Result<u64> {
+    let mut written = 0;
+    for &(addr, len) in ranges {
+        let mut offset = 0;
+        let region = frames
+            .memory()
+            .iter()
+            .find(|r| {
+                let inside = addr >= r.start_addr() && addr.0 + len <= r.start_addr().0 + r.len();
+                if !inside {
+                    offset += r.len();
+                }
+                inside
+            })
+            .ok_or_else(|| io::Error::other(format!("{addr:?}+{len:#x} is not inside RAM")))?;
+        let at = addr.0 - region.start_addr().0;
+        let slice = region
+            .get_slice(MemoryRegionAddress(at), len as usize)
+            .map_err(io::Error::other)?;
+        file.seek(SeekFrom::Start(offset + at))?;
+        file.write_all_volatile(&slice).map_err(io::Error::other)?;
+        written += len;
+    }
     file.sync_data()?;
     Ok(written)
-}
-
-/// Sets the bits of the pages `[addr, addr + len)` covers in the bitmaps of
-/// the regions they lie in.
-fn mark(bitmaps: &mut [Vec<u64>], regions: &[&GuestRegionMmap], addr: u64, len: u64) {
-    for (bitmap, region) in bitmaps.iter_mut().zip(regions) {
-        let (start, end) = (region.start_addr().0, region.start_addr().0 + region.len());
-        let (from, to) = (addr.max(start), addr.saturating_add(len).min(end));
-        if from >= to {
-            continue;
-        }
-        for page in (from - start) / PAGE_SIZE..(to - start).div_ceil(PAGE_SIZE) {
-            if let Some(word) = bitmap.get_mut((page / 64) as usize) {
-                *word |= 1 << (page % 64);
-            }
-        }
-    }
-}
-
-/// The runs of set bits of `bitmap` as `(first page, pages)`.
-fn runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (w, &word) in bitmap.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            match out.last_mut() {
-                Some((first, pages)) if *first + *pages == page => *pages += 1,
-                _ => out.push((page, 1)),
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_join_adjacent_pages_across_words() {
-        let mut bitmap = vec![0u64; 3];
-        for page in [0, 1, 2, 63, 64, 65, 130] {
-            bitmap[page / 64] |= 1 << (page % 64);
-        }
-        assert_eq!(runs(&bitmap), [(0, 3), (63, 3), (130, 1)]);
-        assert!(runs(&[0, 0]).is_empty());
-        assert_eq!(runs(&[u64::MAX, u64::MAX]), [(0, 128)]);
-    }
 }
