@@ -38,6 +38,7 @@ const LAPIC_TPR: u64 = 0x80;
 const LAPIC_SVR: u64 = 0xf0;
 const LAPIC_LVT_TIMER: u64 = 0x320;
 const LAPIC_TIMER_INITIAL: u64 = 0x380;
+const LAPIC_TIMER_CURRENT: u64 = 0x390;
 const LAPIC_TIMER_DIVIDE: u64 = 0x3e0;
 const SVR_ENABLE: u32 = 1 << 8;
 /// Divide configuration 0b1010: divide by 128.
@@ -274,15 +275,23 @@ pub fn wait_until(timeout_ms: u64, mut done: impl FnMut() -> bool) -> Result<(),
     if done() {
         return Ok(());
     }
-    let fired = COUNTS[TIMER_SLOT].load(Ordering::Relaxed);
+    let mut fired = COUNTS[TIMER_SLOT].load(Ordering::Relaxed);
     let ticks = (timeout_ms.saturating_mul(TICKS_PER_MS)).clamp(1, u64::from(u32::MAX));
     mmio_write(LAPIC_BASE + LAPIC_TIMER_INITIAL, ticks as u32);
     let result = loop {
         if done() {
             break Ok(());
         }
-        if COUNTS[TIMER_SLOT].load(Ordering::Relaxed) != fired {
-            break Err(TimedOut);
+        let now = COUNTS[TIMER_SLOT].load(Ordering::Relaxed);
+        if now != fired {
+            // Only this wait's timer, run down to 0, is its timeout: a
+            // timer interrupt still pending from an earlier wait (one that
+            // ended just as its timer expired, or a snapshot restored
+            // there) is not.
+            if mmio_read(LAPIC_BASE + LAPIC_TIMER_CURRENT) == 0 {
+                break Err(TimedOut);
+            }
+            fired = now;
         }
         // SAFETY: enables interrupts for one `hlt` (the sti shadow makes the
         // pair atomic) and disables them again; the handlers save what they
