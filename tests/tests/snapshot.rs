@@ -26,34 +26,17 @@ fn snapshot_of_a_paused_vm_holds_every_vcpu_and_device_and_the_vm_runs_on() {
     if !net_or_skip(test) {
         return;
     }
-    let dir: PathBuf = std::env::temp_dir().join(format!("minivmm-snap-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch(test);
     let (sock, disk) = (dir.join("api.sock"), dir.join("disk.img"));
     std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
     let ns = Netns::new("snap");
     ns.tap("tap0", "10.0.2.2/24");
     let _echo = ns.echo();
-    let mut vm =
-        Running::start(ns.command(&minivmm_bin(), &["--api-sock", sock.to_str().unwrap()]));
-    wait_for_socket(&sock);
-    ok(
-        &sock,
-        "PUT",
-        "/machine-config",
-        r#"{"vcpu_count": 2, "mem_size_mib": 128}"#,
+    let args = format!(
+        "console=ttyS0 testguest.blk=write {}",
+        guest_net(0, ",serve=200")
     );
-    let boot = json!({"kernel_image_path": test_guest(),
-                      "boot_args": format!("console=ttyS0 testguest.blk=write {}",
-                                           guest_net(0, ",serve=200"))});
-    ok(&sock, "PUT", "/boot-source", &boot.to_string());
-    put_scratch_drive_and_tap(&sock, &disk);
-    ok(
-        &sock,
-        "PUT",
-        "/actions",
-        r#"{"action_type": "InstanceStart"}"#,
-    );
+    let mut vm = boot_in(&ns, &sock, &disk, 2, &args);
     wait_line(&mut vm, "net0: udp burst 200: ok");
 
     let (state_path, mem_path) = (dir.join("vm.snap"), dir.join("vm.mem"));
@@ -98,6 +81,26 @@ fn snapshot_of_a_paused_vm_holds_every_vcpu_and_device_and_the_vm_runs_on() {
     let outcome = finish(&ns, vm, GUEST, 1);
     outcome.line("testguest: blk0: PASS");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// minivmm in `ns` booting the test guest through the API: `cpus` vCPUs,
+/// 128 MiB, `boot_args`, the scratch drive on `disk` and `eth0` on `tap0`.
+fn boot_in(ns: &Netns, sock: &Path, disk: &Path, cpus: u8, boot_args: &str) -> Running {
+    let vm =
+        Running::start_typing(ns.command(&minivmm_bin(), &["--api-sock", sock.to_str().unwrap()]));
+    wait_for_socket(sock);
+    let machine = json!({"vcpu_count": cpus, "mem_size_mib": 128});
+    ok(sock, "PUT", "/machine-config", &machine.to_string());
+    let boot = json!({"kernel_image_path": test_guest(), "boot_args": boot_args});
+    ok(sock, "PUT", "/boot-source", &boot.to_string());
+    put_scratch_drive_and_tap(sock, disk);
+    ok(
+        sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    vm
 }
 
 /// A fresh scratch directory for `test`.
@@ -152,26 +155,11 @@ fn a_vm_restored_in_a_new_process_finds_its_ram_and_disk_and_finishes_its_io() {
     let ns = Netns::new(test);
     ns.tap("tap0", "10.0.2.2/24");
     let _echo = ns.echo();
-    let mut vm =
-        Running::start_typing(ns.command(&minivmm_bin(), &["--api-sock", sock.to_str().unwrap()]));
-    wait_for_socket(&sock);
-    ok(
-        &sock,
-        "PUT",
-        "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    let args = format!(
+        "console=ttyS0 testguest.blk=write testguest.snapshot=16 {}",
+        guest_net(0, ",serve=120")
     );
-    let boot = json!({"kernel_image_path": test_guest(),
-                      "boot_args": format!("console=ttyS0 testguest.blk=write testguest.snapshot=16 {}",
-                                           guest_net(0, ",serve=120"))});
-    ok(&sock, "PUT", "/boot-source", &boot.to_string());
-    put_scratch_drive_and_tap(&sock, &disk);
-    ok(
-        &sock,
-        "PUT",
-        "/actions",
-        r#"{"action_type": "InstanceStart"}"#,
-    );
+    let mut vm = boot_in(&ns, &sock, &disk, 1, &args);
     // Point 1: the block test's writes are done and one more is in flight.
     wait_ready(&mut vm, 1);
     let (at_blk, at_net) = (dir.join("at-blk"), dir.join("at-net"));

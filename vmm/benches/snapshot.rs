@@ -80,14 +80,19 @@ fn minivmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_minivmm"))
 }
 
-/// Starts `command` with `input` on its stdin (a pipe, then closed).
-fn spawn(mut command: Command, input: &[u8]) -> Child {
-    let mut child = command
+/// Starts `command` with its stdin a pipe, its output discarded.
+fn start(mut command: Command) -> Child {
+    command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start minivmm");
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"))
+}
+
+/// Starts `command` with `input` on its stdin (a pipe, then closed).
+fn spawn(command: Command, input: &[u8]) -> Child {
+    let mut child = start(command);
     let mut stdin = child.stdin.take().expect("piped");
     stdin.write_all(input).expect("write the guest's bytes");
     child
@@ -106,12 +111,7 @@ fn boot(dir: &Path, kernel: &Path, mem: &str) -> (Child, PathBuf) {
     let mut c = minivmm();
     c.args(["--kernel", kernel.to_str().unwrap(), "--mem", mem]);
     c.args(["--track-dirty-pages", "--api-sock", sock.to_str().unwrap()]);
-    let child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start minivmm");
+    let child = start(c);
     wait_for_socket(&sock);
     (child, sock)
 }
@@ -169,12 +169,7 @@ fn firecracker_snapshot(firecracker: &Path, kernel: &Path, dir: &Path, snap: &Pa
     let _ = std::fs::remove_file(&sock);
     let mut c = Command::new(firecracker);
     c.args(["--api-sock", sock.to_str().unwrap()]);
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start firecracker");
+    let mut child = start(c);
     wait_listening(&sock);
     ok(
         &sock,
@@ -206,16 +201,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    if let Err(e) = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        assert!(
-            std::env::var("MINIVMM_REQUIRE_KVM").as_deref() != Ok("1"),
-            "/dev/kvm is not usable ({e}) and MINIVMM_REQUIRE_KVM=1 requires it"
-        );
-        println!("SKIPPED snapshot bench: /dev/kvm is not usable ({e})");
+    if !tests::kvm_or_skip("snapshot bench") {
         return;
     }
     let rounds = if bench { 15 } else { 1 };

@@ -99,16 +99,7 @@ fn host_mib() -> u64 {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        assert!(
-            std::env::var("MINIVMM_REQUIRE_KVM").as_deref() != Ok("1"),
-            "/dev/kvm is not usable ({e}) and MINIVMM_REQUIRE_KVM=1 requires it"
-        );
-        println!("SKIPPED startup bench: /dev/kvm is not usable ({e})");
+    if !tests::kvm_or_skip("startup bench") {
         return;
     }
     let rounds = if bench { 15 } else { 1 };

@@ -24,6 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::irq::IrqFd;
+use crate::lock;
 use crate::tap::Tap;
 use crate::vm::{self, Vm};
 
@@ -341,10 +342,6 @@ impl DeviceEvents {
         self.watched.clear();
         self.watched.extend_from_slice(now);
     }
-}
-
-fn lock(transport: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
-    transport.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MutEventSubscriber for DeviceEvents {

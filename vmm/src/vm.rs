@@ -178,14 +178,9 @@ impl Vm {
             .map_err(|e| Error::Kvm("SET_CLOCK", e))
     }
 
-    /// Creates one vCPU per saved state and writes that state into it.
+    /// Creates one vCPU per saved state and writes that state into it (the
+    /// count was checked against KVM's limit before the VM was created).
     pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<Vec<VcpuFd>, RestoreError> {
-        if states.len() > self.max_vcpus() {
-            return Err(RestoreError::Vm(Error::TooManyCpus {
-                requested: states.len().min(255) as u8,
-                max: self.max_vcpus(),
-            }));
-        }
         states
             .iter()
             .enumerate()

@@ -5,7 +5,6 @@
 //! answers at most [`BUDGET`] requests before the loop serves the devices
 //! again, and its timerfd writes the metrics every `metrics::PERIOD`.
 
-use crate::lock;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,6 +21,7 @@ use super::metrics::{self, MetricsFile};
 use super::model::*;
 use super::resources::VmResources;
 use super::router::Request;
+use crate::lock;
 use crate::run::Running;
 use crate::snapshot::create::Kind;
 use crate::snapshot::restore;
@@ -262,7 +262,7 @@ impl Controller {
                 done()
             }
             Request::Action(ActionType::SendCtrlAltDel) => {
-                let mut i8042 = running.i8042.lock().unwrap_or_else(|p| p.into_inner());
+                let mut i8042 = lock(&running.i8042);
                 if !i8042.ctrl_alt_del() {
                     return fault("The guest has not read the previous key presses yet");
                 }

@@ -138,7 +138,7 @@ pub fn restore(params: &Params) -> Result<Vmm, Error> {
         vm,
         blocks,
         taps,
-        Some(serial_state(&state)),
+        Some((&state.serial).into()),
     )?;
     restore_devices(&vmm, &state)?;
     vmm.vm
@@ -333,22 +333,6 @@ fn names(nets: &[SavedNet]) -> String {
         .map(|n| n.id.as_str())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn serial_state(state: &VmState) -> vm_superio::serial::SerialState {
-    let s = &state.serial;
-    vm_superio::serial::SerialState {
-        baud_divisor_low: s.baud_divisor_low,
-        baud_divisor_high: s.baud_divisor_high,
-        interrupt_enable: s.interrupt_enable,
-        interrupt_identification: s.interrupt_identification,
-        line_control: s.line_control,
-        line_status: s.line_status,
-        modem_control: s.modem_control,
-        modem_status: s.modem_status,
-        scratch: s.scratch,
-        in_buffer: s.in_buffer.clone(),
-    }
 }
 
 /// The I/O APIC, the i8042 and every transport from their saved states.
