@@ -709,6 +709,38 @@ fn queue_state_saved_between_chains_resumes_in_a_new_queue() {
 }
 
 #[test]
+fn queue_state_of_a_linux_shaped_queue_resumes_past_the_wrap_with_a_full_indirect_table() {
+    // Linux's shapes: 256 entries, indices run past a wrap of the ring,
+    // and the chain waiting at the snapshot is one indirect table of
+    // seg_max + 2 descriptors (header, 126 data segments, status).
+    let frames = frames();
+    let mut queue = Queue::new(MAX_QUEUE_SIZE);
+    let mut driver = MockDriver::new(&frames, 256, RINGS);
+    driver.configure(&mut queue);
+    queue.set_indirect(true);
+    for _ in 0..300 {
+        assert_still_serves(&mut queue, &mut driver, &frames);
+    }
+    let mut table = vec![(DATA, 16, false)];
+    table.extend((0..126).map(|i| (DATA + 0x1000 + i * 0x1000, 0x1000, false)));
+    table.push((DATA + 0x10_0000, 1, true));
+    let head = driver.add_indirect_chain(GuestAddress(DATA + 0x20_0000), &table);
+    let state = queue.state().expect("nothing in flight");
+    assert_eq!(
+        (state.next_avail, state.size, state.indirect),
+        (300, 256, true)
+    );
+    let mut restored = Queue::new(MAX_QUEUE_SIZE);
+    restored.restore(&state, &frames).unwrap();
+    let chain = serve_one(&mut restored, &frames);
+    assert_eq!(chain.head(), head);
+    assert_eq!((chain.readable().len(), chain.writable().len()), (127, 1));
+    restored.add_used(&frames, chain, 1).unwrap();
+    assert_eq!(driver.used_idx(), 301);
+    assert_still_serves(&mut restored, &mut driver, &frames);
+}
+
+#[test]
 fn queue_state_is_refused_with_chains_in_flight_until_they_are_given_back() {
     let frames = frames();
     let (mut queue, mut driver) = setup(&frames);
